@@ -1,0 +1,130 @@
+"""One flat, typed config for the sizes and checkpoints of a MUMU model.
+
+A profile is a named `ModelConfig`. `paper` is MUMU-Idefics2-SDXL as published; `tiny` builds
+the same classes from small configs with random weights, for tests and laptops. Every
+checkpoint field takes a hub id or a local path; `None` means "build the tiny architecture".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+# Idefics2's SigLIP vision tower cuts images into 14x14 patches; with the perceiver removed,
+# every patch is one token, so the conditioning resolution sets the token budget per image.
+PATCH_SIZE = 14
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # Idefics2 checkpoint (hub id or path). None: the tiny Idefics2 architecture, random weights.
+    encoder: str | None
+    # SDXL pipeline folder or hub id providing unet/, vae/ and scheduler/. None: tiny SDXL parts.
+    sdxl: str | None
+    # Side of the square each conditioning image is padded and resized to (paper stage 1: 252 px
+    # = 18x18 patches = 324 tokens; stage 2: 504 px = 1,296 tokens).
+    image_size: int = 252
+    # Images allowed in one prompt (paper stage 1: up to 3 crops + 1 canny/depth/sketch image).
+    max_images: int = 4
+    # The non-causal adapter transformer between the VLM and the UNet's cross-attention.
+    adapter_layers: int = 16
+    adapter_width: int = 2048
+    adapter_heads: int = 16
+    # "float32", "bfloat16" or "float16": the dtype the parts are loaded or built in.
+    dtype: str = "float32"
+    seed: int = 0  # initialises whatever is built rather than loaded (the adapter, tiny parts)
+
+    def __post_init__(self) -> None:
+        if self.image_size <= 0 or self.image_size % PATCH_SIZE:
+            raise ValueError(f"image_size must be a positive multiple of {PATCH_SIZE}, got {self.image_size}")
+        if self.adapter_width % self.adapter_heads:
+            raise ValueError(
+                f"adapter_width ({self.adapter_width}) must be divisible by adapter_heads ({self.adapter_heads})"
+            )
+        if self.max_images < 0:
+            raise ValueError(f"max_images must be >= 0, got {self.max_images}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+    @property
+    def tokens_per_image(self) -> int:
+        return (self.image_size // PATCH_SIZE) ** 2
+
+
+PROFILES: dict[str, ModelConfig] = {
+    "paper": ModelConfig(
+        encoder="HuggingFaceM4/idefics2-8b",
+        sdxl="stabilityai/stable-diffusion-xl-base-1.0",
+        image_size=252,
+        max_images=4,
+        adapter_layers=16,
+        adapter_width=2048,
+        adapter_heads=16,
+        dtype="bfloat16",
+    ),
+    "tiny": ModelConfig(
+        encoder=None,
+        sdxl=None,
+        image_size=28,
+        max_images=4,
+        adapter_layers=2,
+        adapter_width=64,
+        adapter_heads=4,
+        dtype="float32",
+    ),
+}
+
+
+def _parse_value(name: str, raw: str, annotation: str):
+    hint = typing.get_type_hints(ModelConfig)[name]
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if raw.lower() in ("none", "null", "") and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if kind is type(None):
+            continue
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    raise ValueError(f"config field {name!r} expects {annotation}, got {raw!r}")
+
+
+def load_model_config(
+    profile: str = "tiny",
+    overrides: typing.Mapping[str, object] | typing.Sequence[str] = (),
+    path: str | Path | None = None,
+) -> ModelConfig:
+    """Profile defaults, then the YAML file at `path` (may name its own `profile`), then overrides.
+
+    Overrides are a mapping or "field=value" strings (the CLI's `--set`).
+    """
+    values: dict[str, object] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of config fields")
+        profile = loaded.pop("profile", profile)
+        values.update(loaded)
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}")
+    if isinstance(overrides, typing.Mapping):
+        values.update(overrides)
+    else:
+        for item in overrides:
+            name, sep, raw = item.partition("=")
+            if not sep:
+                raise ValueError(f"override {item!r} is not of the form field=value")
+            values[name.strip()] = raw.strip()
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    for name, value in list(values.items()):
+        if name not in fields:
+            raise ValueError(f"unknown config field {name!r}; fields are {sorted(fields)}")
+        if isinstance(value, str):
+            values[name] = _parse_value(name, value, str(fields[name].type))
+    return dataclasses.replace(PROFILES[profile], **values)

@@ -1,0 +1,439 @@
+"""The SDXL UNet LoRA of MUMU: inject, export, and merge into community SDXL fine-tunes.
+
+Paper, Table 1: the SDXL UNet is trained with a rank-8 LoRA (lr 5e-6); full fine-tuning diverged.
+Paper, Finding 4: that LoRA can be merged into community SDXL fine-tunes (style models with the
+same architecture) without retraining. This module provides:
+
+- :func:`add_unet_lora` -- inject a peft LoRA into a diffusers ``UNet2DConditionModel`` exactly the
+  way diffusers' ``train_text_to_image_lora_sdxl.py`` does (``unet.add_adapter(LoraConfig(...))``).
+- :func:`export_unet_lora` -- write it in the diffusers LoRA format that
+  ``StableDiffusionXLPipeline.load_lora_weights(dir)`` reads, *including* the ``LoraConfig`` as
+  safetensors metadata, so that ``lora_alpha != r`` survives the round trip (without the metadata
+  diffusers assumes ``alpha == rank``, i.e. scale 1, and silently changes the LoRA's strength).
+- :func:`merge_unet_lora` -- fold an exported LoRA into *another* UNet's weights in place:
+  ``W' = W + scale * (alpha / rank) * B @ A`` for every targeted Linear (the analogous
+  ``einsum`` for Conv2d). The arithmetic is done directly on the safetensors state dict (no peft
+  layers are ever injected), so the merged UNet is a plain UNet that saves like any other, and
+  every mismatch is a clear ``ValueError`` *before* any weight is touched.
+- :func:`merge_lora_into_pipeline` -- a MUMU pipeline folder whose UNet is a community UNet plus
+  the MUMU LoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# The diffusers SDXL LoRA training default (train_text_to_image_lora_sdxl.py and
+# train_dreambooth_lora_sdxl.py use exactly these): the query/key/value/output projections of
+# every attention layer, self- *and* cross-attention. Cross-attention's to_k/to_v are the layers
+# that read the (new, VLM+adapter) conditioning, so they must be adapted; keeping the recipe
+# identical to the community default also keeps the exported file loadable by any SDXL tool.
+UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+#: File name diffusers writes and ``load_lora_weights(dir)`` looks for.
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+#: safetensors metadata key under which diffusers stores the (prefixed) ``LoraConfig``.
+LORA_METADATA_KEY = "lora_adapter_metadata"
+UNET_PREFIX = "unet"
+
+# Key suffixes of the LoRA formats we understand -> role. Longer suffixes first.
+_A_SUFFIXES = (".lora_linear_layer.down.weight", ".lora.down.weight", ".lora_down.weight", ".lora_A.weight")
+_B_SUFFIXES = (".lora_linear_layer.up.weight", ".lora.up.weight", ".lora_up.weight", ".lora_B.weight")
+_ALPHA_SUFFIX = ".alpha"
+
+
+# --------------------------------------------------------------------------------------------
+# Injection
+# --------------------------------------------------------------------------------------------
+
+
+def add_unet_lora(
+    unet,
+    rank: int = 8,
+    alpha: int | None = None,
+    targets: Iterable[str] = UNET_LORA_TARGETS,
+    adapter_name: str = "default",
+):
+    """Inject a peft LoRA (rank ``rank``, ``lora_alpha = alpha or rank``) into ``unet``; return it.
+
+    ``init_lora_weights="gaussian"`` as in diffusers' SDXL LoRA script: A is Gaussian, B is zero,
+    so the LoRA'd UNet starts out computing exactly the base UNet. Only the LoRA parameters are
+    left trainable by peft's injection if the caller froze the base weights beforehand (the
+    training code does ``unet.requires_grad_(False)`` first, as diffusers' script does).
+    """
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    targets = list(targets)
+    if not targets:
+        raise ValueError("LoRA needs at least one target module name")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha or rank,
+        init_lora_weights="gaussian",
+        target_modules=targets,
+    )
+    unet.add_adapter(config, adapter_name=adapter_name)
+    return unet
+
+
+def has_peft_layers(module: nn.Module) -> bool:
+    """True if any submodule is a peft tuner layer (a LoRA that is injected, merged or not)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------
+
+
+def export_unet_lora(unet, out_dir, adapter_name: str = "default") -> Path:
+    """Write ``unet``'s LoRA adapter ``adapter_name`` to ``out_dir`` in the diffusers format.
+
+    The folder holds ``pytorch_lora_weights.safetensors`` with keys
+    ``unet.<module>.lora.{down,up}.weight`` and the adapter's ``LoraConfig`` in the safetensors
+    metadata (``lora_adapter_metadata``), which ``load_lora_weights`` / ``load_lora_adapter`` use
+    to rebuild the config, so alpha and rank both survive. The write is atomic: everything goes to
+    a temporary sibling folder that is renamed into place (an existing ``out_dir`` is replaced).
+    """
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    peft_config = getattr(unet, "peft_config", None) or {}
+    if adapter_name not in peft_config or not has_peft_layers(unet):
+        raise ValueError(
+            f"the UNet has no LoRA adapter named {adapter_name!r} to export "
+            f"(adapters present: {sorted(peft_config) or 'none'}); call add_unet_lora(unet) first"
+        )
+    config = peft_config[adapter_name]
+    if getattr(config, "use_dora", False):
+        raise ValueError("DoRA adapters are not supported by the MUMU LoRA export/merge")
+
+    state_dict = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    if not state_dict:
+        raise ValueError(f"the UNet's adapter {adapter_name!r} has no LoRA weights")
+    state_dict = convert_state_dict_to_diffusers(state_dict)
+    # safetensors refuses tensors that share memory or are non-contiguous views.
+    state_dict = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    metadata = _jsonable(config.to_dict())
+
+    out_dir = Path(out_dir)
+
+    def write(tmp: Path) -> None:
+        StableDiffusionXLPipeline.save_lora_weights(
+            str(tmp),
+            unet_lora_layers=state_dict,
+            safe_serialization=True,
+            weight_name=LORA_WEIGHT_NAME,
+            unet_lora_adapter_metadata=metadata,
+        )
+
+    _write_dir_atomically(out_dir, write)
+    return out_dir
+
+
+def _jsonable(value):
+    """Make a ``LoraConfig.to_dict()`` JSON-serialisable (sets -> sorted lists, enums -> str)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted(_jsonable(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        # str-enums (PeftType) are str instances; json.dumps writes their value.
+        return value.value if hasattr(value, "value") and isinstance(value, str) else value
+    return str(value)
+
+
+def _write_dir_atomically(out_dir: Path, write) -> None:
+    """Call ``write(tmp)`` on a fresh temp folder next to ``out_dir``, then rename it into place."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} exists and is not a directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        write(tmp)
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out_dir, old)
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                os.replace(old, out_dir)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading an exported LoRA
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_lora_file(lora_dir_or_file) -> Path:
+    """The safetensors file of a LoRA given as a folder (diffusers layout) or a file path."""
+    path = Path(lora_dir_or_file)
+    if path.is_dir():
+        candidate = path / LORA_WEIGHT_NAME
+        if candidate.is_file():
+            return candidate
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise ValueError(
+                f"LoRA folder {path} holds several .safetensors files and no {LORA_WEIGHT_NAME}: "
+                f"{[p.name for p in found]}; pass the file itself"
+            )
+        others = sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
+        if others:
+            raise ValueError(
+                f"LoRA folder {path} holds no .safetensors file (only {others}); "
+                "only safetensors LoRAs are accepted (pickle files can run code)"
+            )
+        raise ValueError(f"LoRA folder {path} holds no {LORA_WEIGHT_NAME} (no .safetensors file at all)")
+    if not path.exists():
+        raise ValueError(f"LoRA file {path} does not exist")
+    if path.suffix != ".safetensors":
+        raise ValueError(
+            f"LoRA file {path} is not a .safetensors file; only safetensors LoRAs are accepted "
+            "(pickle files can run code)"
+        )
+    return path
+
+
+def load_unet_lora(lora_dir_or_file) -> tuple[Path, dict[str, dict], dict]:
+    """Read an exported UNet LoRA.
+
+    Returns ``(file, modules, config)`` where ``modules`` maps a UNet module name (no ``unet.``
+    prefix) to ``{"A": tensor, "B": tensor, "alpha": float | None}`` and ``config`` is the stored
+    ``LoraConfig`` dict of the UNet (empty if the file carries none).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    file = resolve_lora_file(lora_dir_or_file)
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            raw_meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"LoRA file {file} is not a readable safetensors file: {e}") from e
+    if not tensors:
+        raise ValueError(f"LoRA file {file} contains no tensors")
+
+    config: dict = {}
+    if raw_meta.get(LORA_METADATA_KEY):
+        try:
+            packed = json.loads(raw_meta[LORA_METADATA_KEY])
+        except json.JSONDecodeError as e:
+            raise ValueError(f"LoRA file {file} has unreadable {LORA_METADATA_KEY} metadata: {e}") from e
+        prefixed = {k[len(UNET_PREFIX) + 1 :]: v for k, v in packed.items() if k.startswith(UNET_PREFIX + ".")}
+        config = prefixed or ({} if any("." in k for k in packed) else packed)
+
+    # Keep the UNet's part of the file: the "unet." keys if any are prefixed, else all of them.
+    if any(k.startswith(UNET_PREFIX + ".") for k in tensors):
+        skipped = sorted(k for k in tensors if not k.startswith(UNET_PREFIX + "."))
+        if skipped:
+            logger.warning("LoRA file %s: ignoring %d non-UNet keys (e.g. %s)", file, len(skipped), skipped[0])
+        tensors = {k[len(UNET_PREFIX) + 1 :]: v for k, v in tensors.items() if k.startswith(UNET_PREFIX + ".")}
+
+    modules: dict[str, dict] = {}
+    for key, value in tensors.items():
+        for role, suffixes in (("A", _A_SUFFIXES), ("B", _B_SUFFIXES), ("alpha", (_ALPHA_SUFFIX,))):
+            suffix = next((s for s in suffixes if key.endswith(s)), None)
+            if suffix is not None:
+                break
+        else:
+            raise ValueError(
+                f"LoRA file {file}: key {key!r} is not a LoRA A/B/alpha weight "
+                "(DoRA magnitudes, LoRA biases and other adapter types are not supported)"
+            )
+        name = key[: -len(suffix)]
+        entry = modules.setdefault(name, {"A": None, "B": None, "alpha": None})
+        entry[role] = float(value.item()) if role == "alpha" else value
+    for name, entry in modules.items():
+        if entry["A"] is None or entry["B"] is None:
+            missing = "down/A" if entry["A"] is None else "up/B"
+            raise ValueError(f"LoRA file {file}: module {name!r} has no {missing} weight")
+    if config.get("use_dora"):
+        raise ValueError(f"LoRA file {file} is a DoRA adapter, which merge_unet_lora does not support")
+    if config.get("fan_in_fan_out"):
+        raise ValueError(f"LoRA file {file} has fan_in_fan_out=True, which no diffusers UNet layer uses")
+    return file, modules, config
+
+
+def _lora_scaling(name: str, rank: int, entry: dict, config: dict) -> float:
+    """peft's ``scaling = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) for module ``name``."""
+    from peft.utils.other import get_pattern_key
+
+    if config:
+        alpha_pattern = config.get("alpha_pattern") or {}
+        key = get_pattern_key(alpha_pattern.keys(), name)
+        alpha = alpha_pattern.get(key, config.get("lora_alpha", rank))
+    elif entry["alpha"] is not None:
+        alpha = entry["alpha"]  # kohya / old diffusers "network alpha"
+    else:
+        alpha = rank  # diffusers' convention when a file carries no alpha: scale 1
+    if config.get("use_rslora"):
+        return float(alpha) / math.sqrt(rank)
+    return float(alpha) / rank
+
+
+# --------------------------------------------------------------------------------------------
+# Merge
+# --------------------------------------------------------------------------------------------
+
+
+def _delta(layer: nn.Module, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``B @ A`` shaped like ``layer.weight`` (float32)."""
+    A = A.to(torch.float32)
+    B = B.to(torch.float32)
+    if isinstance(layer, nn.Linear):
+        return B @ A
+    # Conv2d: A is a conv with the layer's kernel, B a 1x1 conv (peft's layout).
+    return torch.einsum("or,rikl->oikl", B[:, :, 0, 0], A)
+
+
+def _check_shapes(file: Path, name: str, layer: nn.Module, A: torch.Tensor, B: torch.Tensor) -> None:
+    W = layer.weight
+    if isinstance(layer, nn.Linear):
+        ok = A.ndim == 2 and B.ndim == 2 and A.shape[1] == W.shape[1] and B.shape[0] == W.shape[0]
+        ok = ok and A.shape[0] == B.shape[1]
+    elif isinstance(layer, nn.Conv2d):
+        ok = (
+            layer.groups == 1
+            and A.ndim == 4
+            and B.ndim == 4
+            and tuple(B.shape[2:]) == (1, 1)
+            and A.shape[1] == W.shape[1]
+            and tuple(A.shape[2:]) == tuple(W.shape[2:])
+            and B.shape[0] == W.shape[0]
+            and A.shape[0] == B.shape[1]
+        )
+    else:  # pragma: no cover - filtered earlier
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"LoRA file {file}: shapes for {name!r} do not match the target UNet "
+            f"(weight {tuple(W.shape)}, lora A {tuple(A.shape)}, lora B {tuple(B.shape)}); "
+            "is the LoRA for a UNet of another architecture?"
+        )
+
+
+@torch.no_grad()
+def merge_unet_lora(unet, lora_dir_or_file, scale: float = 1.0):
+    """Merge an exported UNet LoRA into ``unet`` (e.g. a community SDXL fine-tune), in place.
+
+    For every module the LoRA targets: ``W' = W + scale * (alpha / rank) * B @ A`` (computed in
+    float32, stored in the weight's dtype). Every other parameter is untouched. ``unet`` must be a
+    plain UNet (no injected peft layers); it stays one, so it saves like any UNet afterwards.
+    All keys and shapes are validated before the first weight changes, so a failing merge leaves
+    ``unet`` as it was. Returns ``unet``.
+    """
+    if has_peft_layers(unet):
+        raise ValueError(
+            "the target UNet carries injected peft/LoRA layers; merge into a plain UNet "
+            "(fuse and unload its adapters first)"
+        )
+    file, lora, config = load_unet_lora(lora_dir_or_file)
+    if not lora:
+        raise ValueError(f"LoRA file {file} holds no UNet LoRA weights")
+
+    named = dict(unet.named_modules())
+    unmatched = sorted(n for n in lora if n not in named)
+    if unmatched:
+        raise ValueError(
+            f"LoRA file {file}: {len(unmatched)} of {len(lora)} LoRA modules match no module of the "
+            f"target UNet, e.g. {unmatched[:3]}; is the LoRA for a UNet of another architecture?"
+        )
+    plan = []
+    for name, entry in sorted(lora.items()):
+        layer = named[name]
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            raise ValueError(
+                f"LoRA file {file}: target {name!r} is a {type(layer).__name__}, not a Linear or Conv2d"
+            )
+        A, B = entry["A"], entry["B"]
+        _check_shapes(file, name, layer, A, B)
+        rank = A.shape[0]
+        plan.append((layer, A, B, _lora_scaling(name, rank, entry, config)))
+
+    if scale == 0:
+        return unet
+    for layer, A, B, scaling in plan:
+        W = layer.weight
+        delta = _delta(layer, A.to(W.device), B.to(W.device)) * (scale * scaling)
+        W.copy_((W.to(torch.float32) + delta).to(W.dtype))
+    return unet
+
+
+def merge_lora_into_pipeline(pipeline_dir, lora_path, unet_path, out_dir, scale: float = 1.0) -> Path:
+    """Save a MUMU pipeline whose UNet is the UNet at ``unet_path`` plus the MUMU LoRA.
+
+    ``pipeline_dir``: a saved ``MUMUPipeline``; ``unet_path``: a community SDXL fine-tune, either a
+    UNet folder or a full pipeline folder with a ``unet/`` subfolder; ``lora_path``: the MUMU UNet
+    LoRA (folder or .safetensors file, see :func:`export_unet_lora`). The result is written to a
+    temporary sibling of ``out_dir`` and renamed into place. Returns ``out_dir``.
+    """
+    from diffusers import UNet2DConditionModel
+
+    from mumu_model.pipeline import MUMUPipeline
+
+    pipe = MUMUPipeline.from_pretrained(pipeline_dir)
+    unet_path = Path(unet_path)
+    subfolder = "unet" if (unet_path / "unet").is_dir() else None
+    unet = UNet2DConditionModel.from_pretrained(unet_path, subfolder=subfolder)
+
+    current = getattr(pipe, "unet", None)
+    if current is not None:
+        # The adapter feeds cross-attention, so the community UNet must read the same context.
+        for key in ("cross_attention_dim", "in_channels", "out_channels", "addition_embed_type"):
+            mine, theirs = current.config.get(key), unet.config.get(key)
+            if mine != theirs:
+                raise ValueError(
+                    f"UNet at {unet_path} has {key}={theirs!r} but the MUMU pipeline at {pipeline_dir} "
+                    f"expects {mine!r}; it is not a fine-tune of the same base architecture"
+                )
+        unet = unet.to(dtype=current.dtype)
+
+    merge_unet_lora(unet, lora_path, scale=scale)
+    pipe.register_modules(unet=unet)
+    out_dir = Path(out_dir)
+    _write_dir_atomically(out_dir, lambda tmp: pipe.save_pretrained(str(tmp)))
+    return out_dir
+
+
+__all__ = [
+    "UNET_LORA_TARGETS",
+    "LORA_WEIGHT_NAME",
+    "add_unet_lora",
+    "export_unet_lora",
+    "has_peft_layers",
+    "load_unet_lora",
+    "merge_lora_into_pipeline",
+    "merge_unet_lora",
+    "resolve_lora_file",
+]

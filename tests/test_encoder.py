@@ -1,0 +1,71 @@
+"""The Idefics2 encoder without perceiver: token budgets and loading real-format checkpoints."""
+
+import torch
+from safetensors.torch import load_file
+from transformers import Idefics2ForConditionalGeneration, Idefics2Processor
+
+from mumu_model.build import tiny_encoder, tiny_processor
+from mumu_model.encoder import MUMUEncoder, PerceiverBypass, configure_processor, encoder_inputs
+from mumu_model.prompt import MultimodalPrompt
+
+
+def _image_token_counts(processor, inputs):
+    return (inputs["input_ids"] == processor.image_token_id).sum(dim=1).tolist()
+
+
+def test_tokens_per_image_follow_the_resolution(red_square):
+    for image_size, budget in [(28, 4), (252, 324), (504, 1296)]:
+        processor = configure_processor(tiny_processor(28), image_size)
+        prompts = [MultimodalPrompt(["a ", red_square, " and ", red_square, " dog"]), MultimodalPrompt()]
+        inputs = encoder_inputs(processor, prompts)
+        assert _image_token_counts(processor, inputs) == [2 * budget, 0]
+        assert inputs["pixel_values"].shape[-2:] == (image_size, image_size)
+
+
+def test_every_patch_reaches_the_language_model(red_square):
+    processor = tiny_processor(56)  # 4x4 patches
+    encoder = tiny_encoder(processor, 56).eval()
+    inputs = encoder_inputs(processor, [MultimodalPrompt([red_square, " dog"])])
+    with torch.no_grad():
+        out = encoder(**inputs)
+    assert out.image_hidden_states.shape[0] == 16  # no pooling to a fixed 64/whatever
+    assert out.last_hidden_state.shape[1] == inputs["input_ids"].shape[1]
+
+
+def test_full_idefics2_checkpoint_loads_without_perceiver(tmp_path, red_square):
+    """A real Idefics2 checkpoint (perceiver, LM head, `model.` prefix) loads into MUMUEncoder."""
+    processor = tiny_processor(28)
+    torch.manual_seed(0)
+    full = Idefics2ForConditionalGeneration(tiny_encoder(processor, 28).config).eval()
+    full.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert any("perceiver_resampler" in k for k in saved)
+
+    encoder = MUMUEncoder.from_pretrained(tmp_path).eval()
+    assert isinstance(encoder.connector.perceiver_resampler, PerceiverBypass)
+    reference = full.model.state_dict()
+    for name, tensor in encoder.state_dict().items():
+        assert torch.equal(tensor, reference[name]), name
+
+    # The processor of such a checkpoint is reconfigured to one image, full token budget.
+    loaded = configure_processor(Idefics2Processor.from_pretrained(tmp_path), 28)
+    inputs = encoder_inputs(loaded, [MultimodalPrompt(["a ", red_square])])
+    with torch.no_grad():
+        hidden = encoder(**inputs).last_hidden_state
+    assert torch.isfinite(hidden).all()
+
+
+def test_saved_encoder_has_no_perceiver_weights(tiny_pipeline_dir):
+    weights = load_file(tiny_pipeline_dir / "encoder" / "model.safetensors")
+    assert not [k for k in weights if "perceiver" in k]
+
+
+def test_reserved_tokens_in_text_are_refused():
+    import pytest
+
+    from mumu_model.prompt import PromptError
+
+    processor = tiny_processor(28)
+    with pytest.raises(PromptError, match="reserved token"):
+        encoder_inputs(processor, [MultimodalPrompt(["a <image> dog"])])
