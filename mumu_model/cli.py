@@ -123,6 +123,21 @@ def cmd_lora_merge(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {args.model} with UNet {args.unet} + LoRA {args.lora} (scale {args.scale})")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from .training.trainer import TrainingDiverged, run
+
+    if not Path(args.config).is_file():
+        raise UsageError(f"{args.config}: no such config file")
+    try:
+        result = run(args.config, args.set, resume=args.resume)
+    except TrainingDiverged as err:  # a run that went wrong, not a usage mistake: status 1
+        print(f"mumu: training stopped: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if result.pipeline_dir is not None:  # rank 0
+        print(f"trained {result.step} steps, loss {result.loss:.4f}: wrote {result.pipeline_dir}"
+              + (f" and {result.unet_lora_dir}" if result.unet_lora_dir else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mumu", description="MUMU: generate images from multimodal prompts (text with images inline)."
@@ -161,6 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", required=True, help="folder to write the pipeline to")
     init.add_argument("--overwrite", action="store_true")
     init.set_defaults(func=cmd_init)
+
+    train = commands.add_parser(
+        "train",
+        help="train MUMU from a YAML config (torchrun-compatible: FSDP2 over the processes)",
+        description="Train (or resume) a MUMU run. Fields: mumu_model/training/config.py (TrainConfig). "
+        "Multi-process: torchrun --nproc_per_node=N -m mumu_model.training CONFIG.yaml",
+    )
+    train.add_argument("config", help="YAML file of TrainConfig fields, e.g. configs/train_tiny.yaml")
+    train.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE",
+        help="override a config field, e.g. --set max_steps=100 --set shards=data/captions/stage1",
+    )
+    train.add_argument("--resume", default=None, help="'latest' or a checkpoint folder (output_dir/checkpoints/step-N)")
+    train.set_defaults(func=cmd_train)
 
     lora = commands.add_parser("lora", help="UNet LoRA tools").add_subparsers(dest="lora_command", required=True)
     merge = lora.add_parser(

@@ -30,6 +30,23 @@ from .prompt import MultimodalPrompt, PromptError
 PromptInput = Union[MultimodalPrompt, str, Sequence[Union[str, PIL.Image.Image]]]
 
 
+def encode_inputs(
+    encoder: MUMUEncoder, adapter: MUMUAdapter, inputs: dict[str, torch.Tensor], device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encoder + adapter on processor outputs (`encoder_inputs`): the UNet's conditioning.
+
+    The one place conditioning is computed, for sampling and for training alike. Returns
+    (prompt_embeds [B, L, D], pooled_embeds [B, P], attention_mask [B, L]).
+    """
+    inputs = {name: value.to(device) for name, value in inputs.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(encoder.dtype)
+    hidden = encoder(**inputs, use_cache=False).last_hidden_state
+    mask = inputs["attention_mask"]
+    prompt_embeds, pooled = adapter(hidden, mask)
+    return prompt_embeds, pooled, mask
+
+
 @dataclass
 class MUMUPipelineOutput(BaseOutput):
     images: Union[list[PIL.Image.Image], np.ndarray, torch.Tensor]
@@ -98,14 +115,8 @@ class MUMUPipeline(DiffusionPipeline):
         Training calls this too, so the unconditional branch used by guidance (the empty
         prompt) is encoded exactly as when training drops the conditioning.
         """
-        device = self._execution_device
-        inputs = encoder_inputs(self.processor, prompts).to(device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.encoder.dtype)
-        hidden = self.encoder(**inputs, use_cache=False).last_hidden_state
-        mask = inputs["attention_mask"]
-        prompt_embeds, pooled = self.adapter(hidden, mask)
-        return prompt_embeds, pooled, mask
+        inputs = encoder_inputs(self.processor, prompts)
+        return encode_inputs(self.encoder, self.adapter, inputs, self._execution_device)
 
     def _add_time_ids(self, height: int, width: int, batch: int, dtype, device) -> torch.Tensor:
         # SDXL's micro-conditioning: original size, crop top-left, target size. MUMU keeps it.

@@ -14,7 +14,7 @@ import hashlib
 import io
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,8 +140,12 @@ class MultimodalPrompt:
         *,
         max_images: int | None = 4,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        images: Mapping[str, Image.Image] | None = None,
     ) -> MultimodalPrompt:
         """Parse the text form; image paths are relative to `image_root`.
+
+        With `images`, references are names in that mapping instead of files, e.g. the members
+        of a dataset record (`<img:crop0.png>` -> `images["crop0.png"]`); nothing is read from disk.
 
         The whole text is parsed before any file is opened, so a typo is reported without
         touching the disk; after that the first problem in reading order is reported.
@@ -155,7 +159,7 @@ class MultimodalPrompt:
             raise PromptError(
                 f"{len(tags)} images, at most {max_images} allowed", tags[max_images].position
             )
-        if tags and image_root is None:
+        if tags and image_root is None and images is None:
             raise PromptError(
                 f"image {tags[0].reference!r} needs an image_root to be resolved against",
                 tags[0].position,
@@ -165,6 +169,11 @@ class MultimodalPrompt:
         for token in tokens:
             if isinstance(token, str):
                 parts.append(token)
+                continue
+            if images is not None:
+                if token.reference not in images:
+                    raise PromptError(f"image {token.reference!r} is not among the record's images", token.position)
+                parts.append(to_rgb(images[token.reference]))
                 continue
             try:
                 path = resolve_image_path(token.reference, image_root)

@@ -324,3 +324,12 @@ def test_prompt_error_format_and_pickle():
     assert str(err) == "part 3: bad" and isinstance(err, ValueError)
     copy = pickle.loads(pickle.dumps(err))
     assert (copy.problem, copy.position, copy.unit, str(copy)) == ("bad", 3, "part", "part 3: bad")
+
+
+def test_from_text_resolves_references_in_a_record_without_disk():
+    crop = Image.new("RGBA", (8, 8), (255, 0, 0, 255))
+    prompt = MultimodalPrompt.from_text("a <img:crop0.png> man", images={"crop0.png": crop})
+    assert prompt.num_images == 1 and prompt.images[0].mode == "RGB"
+    assert prompt.to_text() == "a <img:crop0.png> man"
+    with pytest.raises(PromptError, match="position 2: image 'crop1.png' is not among"):
+        MultimodalPrompt.from_text("a <img:crop1.png> man", images={"crop0.png": crop})

@@ -1,0 +1,25 @@
+"""The Dagster Definitions of MUMU: `dagster dev -m mumu_assets.definitions`."""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+from .automation import new_source_files, prompts_job, real_images_job, weekly_prompts_schedule
+from .data_assets import DATA_ASSETS
+from .profiles import resources_for
+
+
+def build_definitions(profile: str | None = None, resources: dict | None = None) -> dg.Definitions:
+    profile = profile or os.environ.get("MUMU_PROFILE", "paper")
+    return dg.Definitions(
+        assets=DATA_ASSETS,
+        jobs=[prompts_job, real_images_job],
+        schedules=[weekly_prompts_schedule],
+        sensors=[new_source_files],
+        resources={**resources_for(profile), **(resources or {})},
+    )
+
+
+defs = build_definitions()

@@ -1,0 +1,184 @@
+"""Resources: where datasets live, and which model backs each data step.
+
+Profiles swap the backends (mumu_assets.profiles); the assets never name a model. Models are
+loaded on first use and kept for the rest of the run, so a partition loads each model once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import PrivateAttr
+
+
+def _device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+class DatasetStorage(dg.ConfigurableResource):
+    """The folder every dataset is written under (the DVC-tracked `data/`)."""
+
+    root: str = "data"
+
+    def path(self, *parts: str) -> Path:
+        return Path(self.root).joinpath(*parts)
+
+
+class _CachedBackend(dg.ConfigurableResource):
+    _backend: Any = PrivateAttr(default=None)
+
+    def get(self):
+        if self._backend is None:
+            self._backend = self._build()
+        return self._backend
+
+    def _build(self):
+        raise NotImplementedError
+
+
+class ContentStyleBackend(_CachedBackend):
+    """Splits prompts into content and style: `rules`, `transformers` (a local causal LM, e.g.
+    SmolLM2 as GGUF) or `openai` (an OpenAI-compatible endpoint such as vLLM)."""
+
+    backend: str = "rules"
+    model: str | None = None
+    gguf_file: str | None = None
+    base_url: str | None = None
+    fallback_to_rules: bool = True
+    device: str = "auto"
+
+    def _build(self):
+        from mumu_model.data.content_style import (
+            FallbackSplitter, OpenAIChatSplitter, RuleBasedSplitter, TransformersChatSplitter,
+        )
+
+        if self.backend == "rules":
+            return RuleBasedSplitter()
+        if self.backend == "transformers":
+            if not self.model:
+                raise ValueError("content_style backend 'transformers' needs `model` (a path or hub id)")
+            primary = TransformersChatSplitter(self.model, gguf_file=self.gguf_file, device=_device(self.device))
+        elif self.backend == "openai":
+            if not (self.base_url and self.model):
+                raise ValueError("content_style backend 'openai' needs `base_url` and `model`")
+            primary = OpenAIChatSplitter(self.base_url, self.model)
+        else:
+            raise ValueError(f"unknown content_style backend {self.backend!r}; use rules, transformers or openai")
+        return FallbackSplitter(primary, RuleBasedSplitter()) if self.fallback_to_rules else primary
+
+
+class SynthesisBackend(_CachedBackend):
+    """Text-to-image for the synthetic half of the data (paper: SDXL base)."""
+
+    model: str
+    device: str = "auto"
+    dtype: str = "float32"
+
+    def build_synthesizer(self, height: int, width: int, steps: int, guidance: float, batch_size: int):
+        from mumu_model.data.synthesis import SDXLSynthesizer
+
+        return SDXLSynthesizer(
+            self.model, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+            batch_size=batch_size, device=_device(self.device), dtype=_dtype(self.dtype),
+        )
+
+
+class ScorerBackend(_CachedBackend):
+    """PickScore: a CLIP model fine-tuned on human preferences (yuvalkirstain/PickScore_v1)."""
+
+    model: str
+    processor: str | None = None
+    device: str = "auto"
+
+    def _build(self):
+        from mumu_model.data.scoring import PickScorer
+
+        return PickScorer(self.model, self.processor, device=_device(self.device))
+
+
+class DetectorBackend(_CachedBackend):
+    """Open-vocabulary detection of caption phrases (GroundingDINO through transformers)."""
+
+    model: str
+    device: str = "auto"
+
+    def build_detector(self, box_threshold: float, text_threshold: float):
+        from mumu_model.data.detection import GroundingDinoDetector
+
+        return GroundingDinoDetector(
+            self.model, box_threshold=box_threshold, text_threshold=text_threshold, device=_device(self.device)
+        )
+
+
+class RealImageModels(_CachedBackend):
+    """Models of the real-photo branch (paper: LLaVA 1.6 captions; SFW, watermark and person
+    filters). A filter whose model is None is off, and the asset's metadata says so."""
+
+    captioner: str | None = None
+    person_detector: str | None = None
+    sfw_classifier: str | None = None
+    sfw_reject_labels: list[str] = ["nsfw"]
+    watermark_classifier: str | None = None
+    watermark_reject_labels: list[str] = ["watermark"]
+    device: str = "auto"
+
+    def describe(self) -> dict:
+        return {
+            "captioner": self.captioner or "off (the source's own captions)",
+            "person_detector": self.person_detector or "off",
+            "sfw_classifier": self.sfw_classifier or "off",
+            "watermark_classifier": self.watermark_classifier or "off",
+        }
+
+    def ingest_kwargs(self, min_side: int, max_people: int) -> dict:
+        from mumu_model.data.real_images import (
+            DetrPersonCounter, ImageClassifierFilter, LlavaNextCaptioner, MinResolution,
+        )
+
+        device = _device(self.device)
+        filters = [MinResolution(min_side)]
+        if self.sfw_classifier:
+            filters.append(ImageClassifierFilter(self.sfw_classifier, self.sfw_reject_labels, name="nsfw", device=device))
+        if self.watermark_classifier:
+            filters.append(ImageClassifierFilter(
+                self.watermark_classifier, self.watermark_reject_labels, name="watermark", device=device
+            ))
+        return {
+            "filters": filters,
+            "person_counter": DetrPersonCounter(self.person_detector, device=device) if self.person_detector else None,
+            "max_people": max_people,
+            "captioner": LlavaNextCaptioner(self.captioner, device=device) if self.captioner else None,
+        }
+
+
+class ControlImageModels(_CachedBackend):
+    """Whole-image control images for stage 1: canny is computed; depth and sketch are models
+    (e.g. Depth Anything V2; PiDiNet) and are used only when configured."""
+
+    depth: str | None = None
+    sketch: str | None = None
+    device: str = "auto"
+
+    def _build(self) -> dict:
+        from mumu_model.data.captions import (
+            CannyBackend, PidiNetSketchBackend, TransformersDepthBackend,
+        )
+
+        backends = {"canny": CannyBackend()}
+        if self.depth:
+            backends["depth"] = TransformersDepthBackend(self.depth, device=_device(self.device))
+        if self.sketch:
+            backends["sketch"] = PidiNetSketchBackend(self.sketch)
+        return backends

@@ -1,0 +1,275 @@
+"""One function per dataset step, file in -> file out, each returning what it skipped.
+
+The Dagster assets (mumu_assets) and anyone scripting the data pipeline call these; all the
+model work lives in the backends passed in, all storage in `shards`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+
+from ..images import ImageLoadError
+from .report import Skipped
+from .shards import (
+    ShardError, decode_image, encode_image, json_bytes, read_shard, sample_json, write_shard, write_table,
+)
+
+
+def shard_of(item_id: str, num_shards: int) -> int:
+    """Stable shard assignment: the same item lands in the same shard on every machine."""
+    digest = hashlib.sha256(item_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % num_shards
+
+
+def rng_for(key: str, seed: int, purpose: str) -> random.Random:
+    """A generator that depends only on the record, so re-runs and re-shardings agree."""
+    digest = hashlib.sha256(f"{seed}:{purpose}:{key}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+@dataclass
+class StepResult:
+    rows: int
+    skipped: Skipped = field(default_factory=Skipped)
+    table: pd.DataFrame | None = None
+
+
+def iter_images(shard: Path, skipped: Skipped, keys: set[str] | None = None) -> Iterator[tuple[str, Image.Image, dict]]:
+    """(key, target image, json meta) of a shard's samples; unreadable samples are counted."""
+    for key, sample in read_shard(shard, skipped):
+        if keys is not None and key not in keys:
+            continue
+        try:
+            meta = sample_json(sample, key)
+            field_name = next((f for f in ("jpg", "png") if f in sample), None)
+            if field_name is None:
+                raise ShardError(f"sample {key!r} has no jpg/png image")
+            yield key, decode_image(sample[field_name], f"{key}.{field_name}"), meta
+        except (ShardError, ImageLoadError) as err:
+            skipped.add("unreadable_sample", key, str(err))
+
+
+def synthesize(pairs: pd.DataFrame, synthesizer, out: Path) -> StepResult:
+    """Text-to-image for each (content, style) pair; one image per pair, seeded by its row."""
+    result = StepResult(rows=0)
+    manifest = []
+
+    def samples() -> Iterable[tuple[str, dict]]:
+        for row, image in synthesizer.generate(pairs.to_dict("records"), skipped=result.skipped):
+            meta = {k: row[k] for k in ("pair_id", "content", "style", "text", "seed")}
+            meta.update(source="synthetic", width=image.width, height=image.height)
+            manifest.append(meta)
+            yield row["pair_id"], {"jpg": encode_image(image, "jpg"), "json": json_bytes(meta)}
+
+    write_shard(out, samples())
+    result.rows = len(manifest)
+    result.table = pd.DataFrame(manifest, columns=["pair_id", "content", "style", "text", "seed", "source", "width", "height"])
+    write_table(result.table, out.with_suffix(".parquet"))
+    return result
+
+
+def score(shard: Path, scorer, out: Path, batch_size: int = 16) -> StepResult:
+    """PickScore of every synthetic image against its own prompt text."""
+    result = StepResult(rows=0)
+    rows: list[dict] = []
+    batch: list[tuple[str, Image.Image, dict]] = []
+
+    def flush() -> None:
+        if batch:
+            scores = scorer.score([m["text"] for _, _, m in batch], [image for _, image, _ in batch])
+            rows.extend({"key": k, "text": m["text"], "score": float(s)} for (k, _, m), s in zip(batch, scores))
+            batch.clear()
+
+    for item in iter_images(shard, result.skipped):
+        batch.append(item)
+        if len(batch) == batch_size:
+            flush()
+    flush()
+    result.rows = len(rows)
+    result.table = pd.DataFrame(rows, columns=["key", "text", "score"])
+    write_table(result.table, out)
+    return result
+
+
+def filter_scores(scores: pd.DataFrame, min_score: float, out: Path) -> tuple[pd.DataFrame, dict]:
+    """Keep the synthetic images at or above `min_score`; the kept keys are the output."""
+    from .scoring import filter_by_score
+
+    kept, stats = filter_by_score(scores, min_score)
+    write_table(kept, out)
+    return kept, stats
+
+
+def ingest_real(items: Iterable[tuple], out: Path, **ingest_kwargs) -> StepResult:
+    """Filter, crop on the person, and caption real photos into a shard (key = image id hash)."""
+    from .real_images import ingest_real_images
+
+    result = StepResult(rows=0)
+    manifest = []
+
+    def samples() -> Iterable[tuple[str, dict]]:
+        for record in ingest_real_images(items, skipped=result.skipped, **ingest_kwargs):
+            if not record.get("caption"):
+                result.skipped.add("no_caption", record["image_id"])
+                continue
+            key = hashlib.sha256(record["image_id"].encode()).hexdigest()[:16]
+            meta = {
+                "image_id": record["image_id"], "caption": record["caption"], "text": record["caption"],
+                "source": "real", "width": record["width"], "height": record["height"],
+                "person_box": list(record["person_box"]) if record.get("person_box") else None,
+            }
+            manifest.append({"key": key, **{k: meta[k] for k in ("image_id", "caption", "width", "height")}})
+            yield key, {"jpg": encode_image(record["image"], "jpg"), "json": json_bytes(meta)}
+
+    write_shard(out, samples())
+    result.rows = len(manifest)
+    result.table = pd.DataFrame(manifest, columns=["key", "image_id", "caption", "width", "height"])
+    write_table(result.table, out.with_suffix(".parquet"))
+    return result
+
+
+def detection_text(meta: dict) -> str:
+    """What to search the image for: a synthetic prompt's content (its style words name no
+    object), a real photo's caption. The content is the prompt's prefix, so offsets agree."""
+    return meta.get("content") or meta.get("caption") or meta.get("text") or ""
+
+
+DETECTION_COLUMNS = ["key", "source", "phrase", "start", "end", "x0", "y0", "x1", "y1", "score", "label"]
+
+
+def detect(sources: list[tuple[Path, set[str] | None]], detector, out: Path, batch_size: int = 8) -> StepResult:
+    """Detections of each caption's noun phrases in its image; all phrases of an image in one query."""
+    from .detection import caption_phrases, with_head_query
+
+    result = StepResult(rows=0)
+    rows: list[dict] = []
+    batch: list[tuple[str, Image.Image, dict]] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        phrases = [with_head_query(caption_phrases(detection_text(meta))) for _, _, meta in batch]
+        found = detector.detect([image for _, image, _ in batch], phrases, keys=[k for k, _, _ in batch],
+                                skipped=result.skipped)
+        for (key, _, meta), detections in zip(batch, found):
+            for d in detections:
+                rows.append({
+                    "key": key, "source": meta.get("source", ""), "phrase": d.phrase.text,
+                    "start": d.phrase.start, "end": d.phrase.end, "x0": d.box[0], "y0": d.box[1],
+                    "x1": d.box[2], "y1": d.box[3], "score": float(d.score), "label": d.label,
+                })
+        result.rows += len(batch)
+        batch.clear()
+
+    for shard, keys in sources:
+        if not shard.exists():
+            continue  # an optional branch (no real images configured) has no shard
+        for item in iter_images(shard, result.skipped, keys):
+            batch.append(item)
+            if len(batch) == batch_size:
+                flush()
+    flush()
+    result.table = pd.DataFrame(rows, columns=DETECTION_COLUMNS)
+    write_table(result.table, out)
+    return result
+
+
+def detections_by_key(table: pd.DataFrame) -> dict[str, list]:
+    from .detection import Detection, Phrase
+
+    grouped: dict[str, list] = {}
+    for row in table.itertuples(index=False):
+        phrase = Phrase(row.phrase, int(row.start), int(row.end))
+        grouped.setdefault(row.key, []).append(
+            Detection(phrase, (row.x0, row.y0, row.x1, row.y1), float(row.score), row.label)
+        )
+    return grouped
+
+
+def caption(
+    stage: int,
+    sources: list[tuple[Path, set[str] | None]],
+    detections: pd.DataFrame,
+    out: Path,
+    *,
+    seed: int,
+    **record_kwargs,
+) -> StepResult:
+    """Multimodal-caption records: crops inserted before their words (stage 1), or one
+    high-resolution face/person crop (stage 2). Each record's random draws depend on its key."""
+    from .captions import stage1_record, stage2_record
+
+    make_record = {1: stage1_record, 2: stage2_record}[stage]
+    found = detections_by_key(detections)
+    result = StepResult(rows=0)
+    manifest = []
+
+    def samples() -> Iterable[tuple[str, dict]]:
+        for shard, keys in sources:
+            if not shard.exists():
+                continue
+            for key, image, meta in iter_images(shard, result.skipped, keys):
+                text = meta.get("text") or meta.get("caption") or ""
+                record = make_record(key, image, text, found.get(key, []), rng=rng_for(key, seed, f"stage{stage}"),
+                                     skipped=result.skipped, **record_kwargs)
+                if record is None:
+                    continue
+                record_meta = {"prompt": record.prompt, "caption": record.caption, "source": meta.get("source"),
+                               **record.meta}
+                manifest.append({"key": key, "prompt": record.prompt, "source": meta.get("source"),
+                                 "num_images": len(record.crops), "control": record.meta.get("control"),
+                                 "crop_areas": [_area_fraction(c["box"], record.target.size)
+                                                for c in record.meta.get("crops", [])]})
+                fields = {"jpg": encode_image(record.target, "jpg"), "json": json_bytes(record_meta)}
+                fields.update({name: encode_image(img, name) for name, img in record.crops.items()})
+                yield key, fields
+
+    write_shard(out, samples())
+    result.rows = len(manifest)
+    result.table = pd.DataFrame(manifest, columns=["key", "prompt", "source", "num_images", "control", "crop_areas"])
+    write_table(result.table, out.with_suffix(".parquet"))
+    return result
+
+
+def _area_fraction(box, size: tuple[int, int]) -> float:
+    x0, y0, x1, y1 = box
+    return round(max(0.0, x1 - x0) * max(0.0, y1 - y0) / (size[0] * size[1]), 4)
+
+
+def validate_records(shard: Path, max_images: int, max_crops: int) -> list[str]:
+    """Problems of a caption shard's records: unreadable, unparsable, or over the image limits."""
+    from ..prompt import PromptError
+    from .shards import sample_prompt
+
+    problems: list[str] = []
+    skipped = Skipped()
+    for key, sample in read_shard(shard, skipped):
+        try:
+            prompt = sample_prompt(sample, key, max_images=max_images)
+        except (PromptError, ShardError, ImageLoadError) as err:
+            problems.append(f"{key}: {err}")
+            continue
+        crops = sum(1 for path in prompt.image_paths if path and path.startswith("crop"))
+        if crops > max_crops:
+            problems.append(f"{key}: {crops} crops, at most {max_crops}")
+    problems.extend(f"{reason}: {examples}" for reason, examples in skipped.examples.items())
+    return problems
+
+
+def real_image_items(source: str | Path, shard_index: int, num_shards: int) -> Iterable[tuple]:
+    """This shard's share of a real-image source: files of a folder by a stable hash of their
+    path (decided before decoding), or every `num_shards`-th tar of a WebDataset source."""
+    from .real_images import iter_image_folder, iter_webdataset
+
+    source = Path(source)
+    if source.is_dir() and not any(source.glob("*.tar")):
+        return iter_image_folder(source, select=lambda image_id: shard_of(image_id, num_shards) == shard_index)
+    tars = sorted(source.glob("*.tar")) if source.is_dir() else [source]
+    return iter_webdataset(tars[shard_index::num_shards])

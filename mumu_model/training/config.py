@@ -1,0 +1,281 @@
+"""One flat, typed config for a MUMU training run (nanoGPT style).
+
+A run is described by a YAML file of `TrainConfig` fields plus `--set field=value` overrides,
+in that order; anything not given keeps its default. The defaults ARE the paper's recipe
+(Table 1): ViT frozen; ViT->LM connector and LM with rank-8 LoRA at lr 3e-6; the adapter fully
+trained at lr 1e-5; the SDXL UNet with a rank-8 LoRA at lr 5e-6. A tiny/toy config may set any
+module to `full`.
+
+    model_profile: tiny            # or paper; model_overrides: {adapter_layers: 2, ...}
+    shards: [data/captions/stage1/*.tar]
+    resolution: 64
+    max_steps: 1000
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..config import PATCH_SIZE, PROFILES
+
+# The parts of MUMU that train separately, each with its own mode and learning rate (Table 1).
+MODULES = ("vision", "connector", "text", "adapter", "unet")
+MODES = ("frozen", "lora", "full")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # -- model --------------------------------------------------------------------------------
+    # Build the model from a profile of mumu_model.config (paper: load Idefics2-8b and SDXL
+    # base; tiny: random tiny parts) with `model_overrides` (ModelConfig fields)...
+    model_profile: str = "tiny"
+    model_overrides: dict = field(default_factory=dict)
+    # ...or start from a saved MUMU pipeline folder, a training output folder (its pipeline/),
+    # or a training checkpoint folder (step-N/, LoRA merged in): stage 2 starts from stage 1.
+    init_from: str | None = None
+    stage: int = 1  # 1: up to 4 images at 252 px; 2: one face/person crop at 504 px
+
+    # -- data ---------------------------------------------------------------------------------
+    # WebDataset tars written by mumu_model.data.shards.write_shard: files, folders (every
+    # *.tar inside) or glob patterns, relative to the working directory.
+    shards: tuple[str, ...] = ()
+    resolution: int = 1024  # side of the (square) target image, in pixels
+    image_size: int = 252  # side each conditioning image is resized to: 252 px = 324 tokens
+    max_images: int = 4  # images per prompt (stage 2: 1)
+    conditioning_dropout: float = 0.1  # fraction of prompts replaced by the empty prompt (CFG)
+    augment_probability: float = 0.2  # fraction of conditioning images augmented (paper: 20%)
+    cache_latents: bool = False  # cache VAE latents of targets on disk (output_dir/latents)
+    data_seed: int | None = None  # the data stream's seed; None: `seed`
+
+    # -- what trains, and how fast (paper Table 1) -----------------------------------------
+    vision: str = "frozen"
+    vision_lr: float = 3e-6
+    connector: str = "lora"
+    connector_lr: float = 3e-6
+    text: str = "lora"
+    text_lr: float = 3e-6
+    adapter: str = "full"
+    adapter_lr: float = 1e-5
+    unet: str = "lora"
+    unet_lr: float = 5e-6
+    lora_rank: int = 8
+    lora_alpha: int | None = None  # None: alpha = rank (scale 1)
+
+    # -- optimisation -------------------------------------------------------------------------
+    batch_size: int = 4  # per process; the global batch is batch_size x world size
+    max_steps: int = 300_000
+    warmup_steps: int = 1000  # linear warm-up from 0, then `lr_schedule`
+    lr_schedule: str = "constant"  # "constant" or "cosine" (to min_lr_ratio x lr at max_steps)
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    mixed_precision: str = "no"  # "bf16": autocast + FSDP bf16 params on GPU only; "no": fp32
+    activation_checkpointing: bool = False
+    seed: int = 0
+    device: str | None = None  # None: cuda:<LOCAL_RANK> if CUDA is available, else cpu
+
+    # -- output and checkpoints -------------------------------------------------------------
+    output_dir: str = "runs/mumu"
+    checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end
+    checkpoints_total_limit: int | None = 3  # keep the newest N checkpoints; None keeps all
+    resume: str | None = None  # None, "latest" (newest complete checkpoint) or a step-N folder
+    export_unet_lora: bool = True  # also write output_dir/unet_lora/ when the UNet has a LoRA
+
+    # -- tracking (MLflow on rank 0; Dagster Pipes when launched by Dagster) -----------------
+    tracking: bool = True
+    # None: $MLFLOW_TRACKING_URI if set, else sqlite:///<output_dir's parent>/mlflow.db, so runs
+    # beside each other (stage 1, stage 2, sweeps) land in one database to compare.
+    tracking_uri: str | None = None
+    artifact_location: str | None = None  # new experiments only; None: beside a sqlite db
+    experiment: str = "mumu"
+    run_name: str | None = None
+    log_every: int = 10
+    validate_every: int = 1000  # steps; 0 disables; validation also runs at the end
+    validation_prompts: tuple[str, ...] = ()  # text form: "a <img:red_circle.png> circle"
+    validation_image_root: str | None = None  # folder the prompts' image paths are confined to
+    validation_seeds: tuple[int, ...] = (0,)
+    validation_steps: int = 50  # DDIM steps (paper: 50)
+    validation_guidance: float = 6.0  # paper: 6
+    validation_resolution: int | None = None  # None: `resolution`
+    log_pipeline_artifact: bool = True  # copy the final pipeline folder into MLflow's artifacts
+    tags: dict = field(default_factory=dict)  # e.g. {dagster_run_id: ..., data_dvc_hash: ...}
+
+    def __post_init__(self) -> None:
+        def fail(message: str) -> None:
+            raise ValueError(f"train config: {message}")
+
+        if self.model_profile not in PROFILES:
+            fail(f"model_profile must be one of {sorted(PROFILES)}, got {self.model_profile!r}")
+        if self.stage not in (1, 2):
+            fail(f"stage must be 1 or 2, got {self.stage}")
+        for module in MODULES:
+            mode = getattr(self, module)
+            if mode not in MODES:
+                fail(f"{module} must be one of {MODES}, got {mode!r}")
+            if mode != "frozen" and not getattr(self, f"{module}_lr") > 0:
+                fail(f"{module}_lr must be > 0 when {module} trains, got {getattr(self, f'{module}_lr')}")
+        if all(getattr(self, module) == "frozen" for module in MODULES):
+            fail("every module is frozen: nothing would train")
+        if self.image_size <= 0 or self.image_size % PATCH_SIZE:
+            fail(f"image_size must be a positive multiple of {PATCH_SIZE}, got {self.image_size}")
+        for name in ("resolution", "batch_size", "max_steps", "lora_rank", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                fail(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "validate_every", "max_images"):
+            if getattr(self, name) < 0:
+                fail(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("conditioning_dropout", "augment_probability", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                fail(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            fail(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.mixed_precision not in ("no", "bf16"):
+            fail(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+        if self.grad_clip < 0:
+            fail(f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            fail(f"checkpoints_total_limit must be >= 1 or null, got {self.checkpoints_total_limit}")
+        if not self.validation_seeds and self.validation_prompts:
+            fail("validation_prompts are set but validation_seeds is empty")
+        unknown = set(self.model_overrides) - {f.name for f in dataclasses.fields(PROFILES["tiny"])}
+        if unknown:
+            fail(f"model_overrides has unknown ModelConfig fields {sorted(unknown)}")
+        # The data decides these, not the model: one source of truth.
+        clashes = {"image_size", "max_images"} & set(self.model_overrides)
+        if clashes:
+            fail(f"set {sorted(clashes)} as training fields, not in model_overrides")
+
+    @property
+    def lrs(self) -> dict[str, float]:
+        return {module: getattr(self, f"{module}_lr") for module in MODULES}
+
+    @property
+    def modes(self) -> dict[str, str]:
+        return {module: getattr(self, module) for module in MODULES}
+
+    def to_dict(self) -> dict:
+        """Plain JSON/YAML types (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def flat(self) -> dict[str, str]:
+        """Every field as a string, nested dicts flattened to `a.b`: MLflow params."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, value) -> None:
+            if isinstance(value, dict):
+                if not value:
+                    out[prefix] = "{}"
+                for key, item in sorted(value.items()):
+                    walk(f"{prefix}.{key}", item)
+            elif isinstance(value, list):
+                out[prefix] = json.dumps(value)
+            else:
+                out[prefix] = str(value)
+
+        for key, value in self.to_dict().items():
+            walk(key, value)
+        return out
+
+    def model_hash(self) -> str:
+        """Identifies the model a checkpoint's weights belong to (what resume must rebuild)."""
+        keys = ("model_profile", "model_overrides", "init_from", "image_size", "max_images", "lora_rank",
+                "lora_alpha", *MODULES)
+        model = {key: self.to_dict()[key] for key in keys}
+        return hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _coerce(name: str, value, hint):
+    """A YAML value or a --set string as the field's declared type, or a ValueError naming it."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if type(None) in allowed:
+            return None
+        raise ValueError(f"train config: field {name!r} cannot be null")
+    for kind in allowed:
+        origin = typing.get_origin(kind) or kind
+        if kind is type(None):
+            continue
+        if origin is tuple:
+            item = typing.get_args(kind)[0]
+            if isinstance(value, str):  # --set shards=a.tar,b.tar or a YAML flow list
+                parsed = yaml.safe_load(value) if value.startswith("[") else value.split(",")
+                value = parsed if isinstance(parsed, list) else [parsed]
+            if isinstance(value, (list, tuple)):
+                return tuple(item(v) if not isinstance(v, item) else v for v in value)
+            return (item(value),)
+        if origin is dict:
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            if isinstance(value, dict):
+                return dict(value)
+            continue
+        if origin is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            continue
+        if origin is str:
+            return str(value)
+        try:
+            if origin is int and isinstance(value, float) and not value.is_integer():
+                continue
+            return origin(value)
+        except (TypeError, ValueError):
+            continue
+    raise ValueError(f"train config: field {name!r} expects {hint}, got {value!r}")
+
+
+def parse_overrides(items: typing.Sequence[str]) -> dict[str, str]:
+    """`["field=value", ...]` (the CLI's --set) to a mapping; values are parsed by field type."""
+    values: dict[str, str] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"override {item!r} is not of the form field=value")
+        values[name.strip()] = raw.strip()
+    return values
+
+
+def load_train_config(
+    path: str | Path | None = None,
+    overrides: typing.Mapping[str, object] | typing.Sequence[str] = (),
+) -> TrainConfig:
+    """Defaults, then the YAML file at `path`, then overrides (a mapping or "field=value" strings)."""
+    values: dict[str, object] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"train config {path}: no such file")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"train config {path}: expected a mapping of TrainConfig fields")
+        values.update(loaded)
+    if isinstance(overrides, typing.Mapping):
+        values.update(overrides)
+    else:
+        values.update(parse_overrides(overrides))
+    hints = typing.get_type_hints(TrainConfig)
+    where = f" ({path})" if path is not None else ""
+    for name in list(values):
+        if name not in hints:
+            raise ValueError(f"train config{where}: unknown field {name!r}; fields are {sorted(hints)}")
+        values[name] = _coerce(name, values[name], hints[name])
+    return TrainConfig(**values)
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    """A config saved by `to_dict` (a checkpoint's state.json) back as a TrainConfig."""
+    hints = typing.get_type_hints(TrainConfig)
+    return TrainConfig(**{name: _coerce(name, value, hints[name]) for name, value in values.items() if name in hints})
