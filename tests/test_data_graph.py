@@ -1,6 +1,7 @@
 """The whole data graph materialized in-process with tiny random-weight models."""
 
 import shutil
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -114,6 +115,8 @@ def test_data_graph_end_to_end(models, photos, tmp_path):
         totals["synthetic"] += synthetic["rows_out"]
         stage1 = _metadata(result, "multimodal_captions_stage1")
         assert 0.0 <= stage1["with_crop_fraction"] <= 1.0
+        if stage1["rows_out"]:
+            assert Path(stage1["preview_grid"]).is_file()
         totals["stage1"] += stage1["rows_out"]
         totals["stage2"] += _metadata(result, "multimodal_captions_stage2")["rows_out"]
 
@@ -142,6 +145,7 @@ def test_definitions_load_with_every_asset_and_check():
     assert keys == {
         "raw_prompts", "content_style", "synthetic_images", "pickscore_scores", "filtered_synthetic",
         "real_images", "detections", "multimodal_captions_stage1", "multimodal_captions_stage2",
+        "stage1_model", "stage2_model", "evaluation",
     }
     assert len(repository.asset_graph.asset_check_keys) == 8
     assert {s.name for s in repository.schedule_defs} == {"weekly_prompts"}

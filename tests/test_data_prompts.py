@@ -216,11 +216,7 @@ def test_phrase_list(tmp_path):
 def test_clip_interrogator_styles_are_read_without_importing_the_package():
     import sys
 
-    try:
-        mediums = clip_interrogator_styles("mediums")
-    except FileNotFoundError as err:
-        assert "pip install --no-deps clip-interrogator" in str(err)
-        pytest.skip("clip-interrogator is not installed")
+    mediums = clip_interrogator_styles("mediums")  # the Makefile installs the package --no-deps
     assert "clip_interrogator" not in sys.modules
     assert len(mediums) > 50 and "a watercolor painting" in mediums
     artists = clip_interrogator_styles("artists")

@@ -287,16 +287,6 @@ def test_export_without_adapter_is_refused(make_unet, tmp_path):
     assert not list(tmp_path.iterdir())  # no temp dir left behind
 
 
-def _pipeline_modules_available() -> str | None:
-    try:
-        import mumu_model.pipeline  # noqa: F401
-        import mumu_model.testing  # noqa: F401
-    except Exception as e:  # pragma: no cover - only while those modules are missing/broken
-        return f"mumu_model.pipeline / mumu_model.testing not importable: {e!r}"
-    return None
-
-
-@pytest.mark.skipif(_pipeline_modules_available() is not None, reason=str(_pipeline_modules_available()))
 def test_merge_lora_into_pipeline(tmp_path):
     from mumu_model.pipeline import MUMUPipeline
     from mumu_model.testing import tiny_pipeline

@@ -76,8 +76,19 @@ def test_truncated_shard_yields_what_precedes_the_damage(tmp_path):
 
 
 def test_webdataset_reads_our_shards(tmp_path):
-    webdataset = pytest.importorskip("webdataset")
+    import webdataset
     path = write_shard(tmp_path / "a.tar", _samples(2)).path
     samples = list(webdataset.WebDataset(str(path), shardshuffle=False))
     assert [s["__key__"] for s in samples] == ["k0", "k1"]
     assert "crop0.png" in samples[0] and "json" in samples[0]
+
+
+def test_shard_cut_between_members_is_damage_not_a_quiet_end(tmp_path):
+    path = write_shard(tmp_path / "a.tar", _samples(3)).path
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    boundary = members[3].offset  # the header of k1's first member: k0 is complete before it
+    path.write_bytes(path.read_bytes()[:boundary])
+    skipped = Skipped()
+    assert [key for key, _ in read_shard(path, skipped)] == []  # k0 may be incomplete: dropped
+    assert skipped.counts["damaged_shard"] == 1

@@ -285,9 +285,12 @@ def load_prompt_table(
     `too_long`, prompts without letters (`no_letters`), mostly non-Latin prompts
     (`non_latin`, a heuristic: fewer than 80% of the letters are ASCII, see
     `MIN_ASCII_LETTER_SHARE`), and repeats of an earlier prompt (`duplicate`, compared
-    case-insensitively). Bad CSV/JSONL lines are counted and skipped; a file that cannot be read
-    is counted as `unreadable_file` and the other files are still read (rows read before a
-    failure part-way through a file are kept).
+    case-insensitively). Control characters are stripped (`stripped_control_chars`, a repair).
+    Bad lines are skipped (`bad_csv_line`, `bad_json_line`, JSONL records without the field:
+    `missing_field`), and so are empty CSV files (`empty_file`). A file that cannot be read is
+    counted as `unreadable_file` and the other files are still read (rows read before a
+    failure part-way through a file are kept). `.txt` and `.jsonl` bytes that are not UTF-8
+    become U+FFFD; a `.csv` that is not UTF-8 is unreadable from that line on.
 
     `prompt_id` is `prompt_id(prompt)`: stable across runs and sources. The first occurrence
     of a prompt is the one kept, so the order follows the files.

@@ -125,6 +125,11 @@ def read_shard(path: str | os.PathLike, skipped: Skipped | None = None) -> Itera
                 sample[field] = handle.read() if handle else b""
                 if len(sample[field]) != member.size:
                     raise tarfile.ReadError(f"member {member.name} is truncated")
+            # tarfile ends quietly when a file stops exactly between members; a complete
+            # archive has its zero end blocks after the last member, so nothing there means a
+            # cut-off shard (the training stream's index applies the same rule).
+            if path.stat().st_size <= tar.offset:
+                raise tarfile.ReadError("the archive has no end marker (cut off between members)")
     except (tarfile.TarError, OSError, EOFError) as err:
         message = f"{path}: damaged after sample {key!r} ({type(err).__name__}: {err})"
         if skipped is None:

@@ -273,3 +273,33 @@ def real_image_items(source: str | Path, shard_index: int, num_shards: int) -> I
         return iter_image_folder(source, select=lambda image_id: shard_of(image_id, num_shards) == shard_index)
     tars = sorted(source.glob("*.tar")) if source.is_dir() else [source]
     return iter_webdataset(tars[shard_index::num_shards])
+
+
+def preview_grid(shard: Path, out: Path, records: int = 4, cell: int = 128) -> int:
+    """A PNG of the first records: the target, then each conditioning image in prompt order,
+    one row per record, for eyeballing crops against their captions. Returns the rows drawn."""
+    from ..atomic import write_bytes_atomic
+    from .shards import sample_prompt
+
+    rows: list[list[Image.Image]] = []
+    skipped = Skipped()
+    for key, sample in read_shard(shard, skipped):
+        if len(rows) == records:
+            break
+        try:
+            prompt = sample_prompt(sample, key)
+            target = decode_image(sample["jpg"], f"{key}.jpg")
+        except (ShardError, ImageLoadError, KeyError, ValueError):
+            continue
+        rows.append([target, *prompt.images])
+    if not rows:
+        return 0
+    width = max(len(row) for row in rows)
+    grid = Image.new("RGB", (width * cell, len(rows) * cell), (255, 255, 255))
+    for y, row in enumerate(rows):
+        for x, image in enumerate(row):
+            thumb = image.copy()
+            thumb.thumbnail((cell - 4, cell - 4))
+            grid.paste(thumb, (x * cell + 2, y * cell + 2))
+    write_bytes_atomic(out, encode_image(grid, "png"))
+    return len(rows)

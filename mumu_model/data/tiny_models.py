@@ -64,6 +64,8 @@ from transformers import (
     ViTImageProcessor,
 )
 
+from ..build import tiny_unet, tiny_vae
+
 __all__ = [
     "tiny_causal_lm",
     "tiny_clip",
@@ -90,7 +92,6 @@ def _seeded(seed: int) -> Iterator[None]:
 
 _TEXT_HIDDEN = 32  # each SDXL text encoder's width; the UNet cross-attends to both, concatenated
 _POOLED_DIM = 32  # text_encoder_2's projection, added to the UNet time embedding
-_TIME_EMBED_DIM = 8
 
 
 def tiny_clip_tokenizer() -> CLIPTokenizer:
@@ -128,39 +129,13 @@ def _clip_text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
 
 
 def _sdxl_unet() -> UNet2DConditionModel:
-    """SDXL's UNet layout (text_time added conditioning, linear projections), tiny."""
-    return UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 1),
-        cross_attention_dim=2 * _TEXT_HIDDEN,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=_TIME_EMBED_DIM,
-        # pooled text + 6 micro-conditions (original size, crop, target size), each embedded
-        projection_class_embeddings_input_dim=_POOLED_DIM + 6 * _TIME_EMBED_DIM,
-        use_linear_projection=True,
-        norm_num_groups=8,
-    )
+    # Cross-attends to both text encoders' hidden states, concatenated, as SDXL does.
+    return tiny_unet(2 * _TEXT_HIDDEN, _POOLED_DIM, sample_size=16, block_out_channels=(16, 32),
+                     transformer_layers_per_block=(1, 1))
 
 
 def _sdxl_vae() -> AutoencoderKL:
-    # Two blocks: the VAE downsamples by 2, so 32 px images have 16x16 latents.
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
+    return tiny_vae(block_out_channels=(8, 16), sample_size=32)
 
 
 def tiny_sdxl_pipeline(path: str | Path, seed: int = 0) -> Path:
@@ -469,3 +444,40 @@ def tiny_causal_lm(path: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def tiny_dino(path: str | Path, seed: int = 0) -> Path:
+    """A DINO-shaped `ViTModel` (patch 16, random weights, 32 px) and its image processor,
+    saved to `path`; load it with `DinoEmbedder(path)` as `facebook/dino-vits16` would be."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    path = Path(path)
+    config = ViTConfig(
+        image_size=32, patch_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32,
+    )
+    with torch.random.fork_rng(devices=[]):  # weights depend on `seed` only; caller's RNG untouched
+        torch.manual_seed(seed)
+        model = ViTModel(config, add_pooling_layer=False)
+    model.save_pretrained(path)
+    # dino-vits16's preprocessing (resize, ImageNet mean/std), at 32 px.
+    ViTImageProcessor(
+        size={"height": 32, "width": 32}, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]
+    ).save_pretrained(path)
+    return path
+
+
+__all__ = [
+    "CLIP_MODEL",
+    "DINO_MODEL",
+    "ClipEmbedder",
+    "DinoEmbedder",
+    "MultimodalScore",
+    "ObjectScore",
+    "clip_i",
+    "clip_t",
+    "dino_score",
+    "mean_cosine_to_references",
+    "multimodal_clip_score",
+    "tiny_dino",
+]

@@ -262,11 +262,19 @@ def load_train_config(
         if not isinstance(loaded, dict):
             raise ValueError(f"train config {path}: expected a mapping of TrainConfig fields")
         values.update(loaded)
-    if isinstance(overrides, typing.Mapping):
-        values.update(overrides)
-    else:
-        values.update(parse_overrides(overrides))
     hints = typing.get_type_hints(TrainConfig)
+    items = overrides.items() if isinstance(overrides, typing.Mapping) else parse_overrides(overrides).items()
+    for name, value in items:
+        # "tags.dagster_run_id=..." or "model_overrides.encoder=..." sets one key of a dict field.
+        head, dot, key = name.partition(".")
+        if dot and hints.get(head) is dict:
+            # Tags stay strings as given (a hash "0123" must not become the YAML int 83);
+            # model_overrides values are YAML scalars (adapter_layers=2 is an int).
+            if head != "tags" and isinstance(value, str):
+                value = yaml.safe_load(value)
+            values[head] = {**(values.get(head) or {}), key: value}
+        else:
+            values[name] = value
     where = f" ({path})" if path is not None else ""
     for name in list(values):
         if name not in hints:

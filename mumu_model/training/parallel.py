@@ -16,6 +16,7 @@ Collective helpers move bytes as uint8 tensors, never pickled objects.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -131,6 +132,10 @@ def apply_fsdp(model: nn.Module, device: torch.device, bf16: bool) -> None:
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # FSDP2 warns when a sharded module returns a view (an in-place op on it would skip the
+    # pre-backward hook). The adapter's outputs can be views of its last Linear; they are only
+    # read (cross-attention keys/values, the UNet's added embedding), never modified in place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPMUMUAdapter\) returned a view tensor")
     if bf16 and device.type == "cuda":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:

@@ -12,7 +12,6 @@ nothing Pipes-related happens (no warning, no mock).
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import time
@@ -69,7 +68,10 @@ class Tracker:
                 logger.warning("MLflow run %s of the checkpoint is not in %s; starting a new run", run_id, self.uri)
         if self.run_id is None:
             experiment = self._experiment_id()
-            tags = {"mumu.stage": str(config.stage), **{str(k): str(v) for k, v in config.tags.items()}}
+            tags = {"mumu.stage": str(config.stage)}
+            if self.pipes is not None:  # launched by Dagster: link the MLflow run to the Dagster run
+                tags["dagster_run_id"] = self.pipes.run_id
+            tags.update({str(k): str(v) for k, v in config.tags.items()})
             run = self.client.create_run(experiment, run_name=config.run_name, tags=tags)
             self.run_id = run.info.run_id
             self.log_params(config.flat())
@@ -189,8 +191,3 @@ def validation_grid(rows: list[tuple[str, list[Image.Image], list[Image.Image]]]
         draw.text((2, top + cell + 1), text[:200], fill=(0, 0, 0))
     return grid
 
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()

@@ -14,6 +14,10 @@ LR schedule: linear warm-up from ~0 over `warmup_steps`, then constant (default)
 down to `min_lr_ratio` x lr at `max_steps`. One AdamW param group per module (named
 "vision", "connector", "text", "adapter", "unet"), each with its own lr; weight decay applies
 to every trainable tensor of a group (one group per module keeps the lrs inspectable).
+
+Known limits: every rank builds the whole model before FSDP2 shards it (paper scale wants
+meta-device initialisation); a checkpoint resumes with the process count that wrote it (each
+rank's data position is saved); the bf16 / nccl path is written but was not run here (no GPU).
 """
 
 from __future__ import annotations
@@ -374,25 +378,27 @@ class Trainer:
             latents = vae_latents(self.pipe.vae, batch["pixel_values"].to(self.device))
         return latents.to(self.device, torch.float32)
 
-    def train_step(self, batch: dict) -> dict[str, float]:
-        """One optimizer update; raises TrainingDiverged (before touching the weights) on NaN/inf."""
-        self.model.train()
-        started = time.perf_counter()
+    def compute_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """SDXL's epsilon-prediction MSE on one batch; noise and timesteps drawn from `generator`."""
         latents = self.latents(batch)
         size = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
+        noise = torch.randn(latents.shape, generator=generator, device=self.device)
         timesteps = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (size,), generator=self.generator, device=self.device
+            0, self.noise_scheduler.config.num_train_timesteps, (size,), generator=generator, device=self.device
         )
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         # SDXL micro-conditioning: original size, crop top-left, target size (as at inference).
         res = self.config.resolution
         time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32, device=self.device).repeat(size, 1)
-
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with autocast:
             prediction = self.model(batch["encoder_inputs"], noisy, timesteps, time_ids)
-        loss = F.mse_loss(prediction.float(), noise.float())
+        return F.mse_loss(prediction.float(), noise.float())
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        """One optimizer update; raises TrainingDiverged (before touching the weights) on NaN/inf."""
+        self.model.train()
+        loss = self.compute_loss(batch, self.generator)
 
         # Every rank sees the same mean loss, so all stop together (backward is collective).
         mean_loss = parallel.all_reduce_mean(loss.detach()).item()
@@ -413,15 +419,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        elapsed = time.perf_counter() - started
-        return {
-            "loss": mean_loss,
-            "grad_norm": grad_norm,
-            "step_time_s": elapsed,
-            "samples_per_s": size * self.dist.world_size / elapsed,
-            "dropped_fraction": float(batch["dropped"].float().mean()),
-            **lrs,
-        }
+        return {"loss": mean_loss, "grad_norm": grad_norm, "dropped_fraction": float(batch["dropped"].float().mean()), **lrs}
 
     def _diverged(self, what: str, batch: dict) -> None:
         last = self.checkpoints.latest()
@@ -438,17 +436,24 @@ class Trainer:
             "training from step %d to %d: %d process(es) x batch %d, modes %s, output %s",
             self.step, config.max_steps, self.dist.world_size, config.batch_size, config.modes, self.output_dir,
         )
-        window: list[float] = []
+        global_batch = config.batch_size * self.dist.world_size
+        window_losses: list[float] = []
+        window_time = 0.0
         status = "FAILED"
         try:
             while self.step < config.max_steps:
+                started = time.perf_counter()  # throughput includes reading and collating the data
                 metrics = self.train_step(next(self.batches))
+                window_time += time.perf_counter() - started
                 self.losses.append(metrics["loss"])
-                window.append(metrics["loss"])
+                window_losses.append(metrics["loss"])
                 if self.step % config.log_every == 0 or self.step == config.max_steps:
-                    metrics["loss"] = sum(window) / len(window)
+                    # Means over the steps since the last log; lrs and grad norm of this step.
+                    metrics["loss"] = sum(window_losses) / len(window_losses)
+                    metrics["step_time_s"] = window_time / len(window_losses)
+                    metrics["samples_per_s"] = global_batch / metrics["step_time_s"]
                     metrics["peak_memory_mb"] = peak_memory_mb(self.device)
-                    window = []
+                    window_losses, window_time = [], 0.0
                     self.tracker.log_metrics(metrics, self.step)
                     if self.dist.is_main:
                         logger.info("step %d: loss %.4f, grad norm %.3g, %.1f samples/s", self.step,
@@ -634,6 +639,11 @@ def run(config_path: str | None, overrides: list[str], resume: str | None = None
     if resume is not None:
         overrides.append(f"resume={resume}")
     config = load_train_config(config_path, overrides)
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):  # saving and loading pipelines draws progress bars
+        library.utils.logging.disable_progress_bar()
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,

@@ -1,0 +1,166 @@
+"""`mumu eval run` and `mumu eval compare`: wired into `mumu` by `add_eval_commands(subparsers)`.
+
+Mistakes (a missing suite, an incomplete pipeline folder, an unknown run) raise ValueError
+subclasses, which `mumu`'s main reports in one line with exit status 2. An evaluation that
+finished with entry errors prints them and exits 1, so scripts notice a broken suite.
+`python -m eval.cli ...` runs the same commands without `mumu`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+class EvalUsageError(ValueError):
+    """A mistake on the command line, reported in one line."""
+
+
+_MODEL_FLAGS = ("clip", "dino", "pickscore", "detector", "face", "sdxl")
+
+
+def _models(args: argparse.Namespace):
+    import yaml
+
+    from .run import EvalModels
+
+    values: dict = {}
+    if args.models:
+        path = Path(args.models)
+        if not path.is_file():
+            raise EvalUsageError(f"--models {path}: no such file")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise EvalUsageError(f"--models {path}: expected a mapping of model fields")
+    base = EvalModels.paper() if args.paper_models else EvalModels()
+    merged = {**{f: getattr(base, f) for f in base.__dataclass_fields__}, **values}
+    for flag in _MODEL_FLAGS:
+        value = getattr(args, flag)
+        if value is not None:
+            merged[flag] = None if value.lower() == "none" else value
+    return EvalModels.from_mapping(merged)
+
+
+def _print_summary(result) -> None:
+    metrics = sorted({name for values in result.suites.values() for name in values} | set(result.aggregate))
+    scopes = list(result.suites) + ["aggregate"]
+    width = max(len(s) for s in scopes)
+    table = {**result.suites, "aggregate": result.aggregate}
+    print("  ".join(["metric".ljust(16)] + [s.rjust(width) for s in scopes]))
+    for name in metrics:
+        cells = [f"{table[s][name]:.4f}" if name in table[s] else "-" for s in scopes]
+        print("  ".join([name.ljust(16)] + [c.rjust(width) for c in cells]))
+
+
+def cmd_eval_run(args: argparse.Namespace) -> None:
+    from .run import evaluate
+    from .suites import builtin_suites, resolve_suites
+
+    if args.quiet:
+        import diffusers
+        import transformers
+
+        for library in (diffusers, transformers):
+            library.utils.logging.disable_progress_bar()
+            library.utils.logging.set_verbosity_error()
+    suites = resolve_suites(args.suite) if args.suite else builtin_suites()
+    mlflow_run: bool | str = False if args.no_mlflow else (args.run_id or True)
+    dtype = None
+    if args.dtype is not None:
+        import torch
+
+        dtype = getattr(torch, args.dtype)
+    result = evaluate(
+        args.model, suites, models=_models(args), steps=args.steps, guidance=args.guidance, seeds=args.seeds,
+        out_dir=Path(args.out), mlflow_run=mlflow_run, negative_prompt=args.negative_prompt,
+        resolution=args.resolution, device=args.device, dtype=dtype, tracking_uri=args.tracking_uri,
+        experiment=args.experiment, run_name=args.run_name,
+    )
+    _print_summary(result)
+    print(f"wrote {result.out_dir} ({len(result.rows)} images)")
+    if result.run_id:
+        print(f"mlflow run {result.run_id} ({result.tracking_uri})")
+    if result.errors:
+        for error in result.errors:
+            print(f"mumu: entry error: {error}", file=sys.stderr)
+        print(f"mumu: {len(result.errors)} entries could not be scored", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def cmd_eval_compare(args: argparse.Namespace) -> None:
+    from .compare import compare_runs
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is None:
+        default = Path("outputs/mlflow.db")  # where `mumu eval run`'s default --out logs
+        if not default.is_file():
+            raise EvalUsageError(f"no --tracking-uri and no {default}; pass --tracking-uri sqlite:///PATH/mlflow.db")
+        uri = f"sqlite:///{default.resolve()}"
+    print(compare_runs(args.run_a, args.run_b, uri))
+
+
+def add_eval_commands(subparsers) -> argparse.ArgumentParser:
+    """Add `eval run` and `eval compare` to the `mumu` parser's subcommands."""
+    evaluation = subparsers.add_parser("eval", help="evaluate a pipeline on prompt suites; compare runs")
+    commands = evaluation.add_subparsers(dest="eval_command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="generate and score prompt suites, log to MLflow",
+        description="Metrics whose model is not given are left out; --paper-models takes the published "
+        "protocol's hub checkpoints. Suites: built-in names (eval/suites/*.yaml), files or folders.",
+    )
+    run.add_argument("--model", required=True, help="MUMU pipeline folder")
+    run.add_argument("--suite", action="append", default=[], help="suite name, file or folder (repeatable; default: all built-in)")
+    run.add_argument("--out", default="outputs/eval", help="folder for images, grids, rows.csv, summary.json")
+    run.add_argument("--steps", type=int, default=50, help="denoising steps (paper: 50 DDIM)")
+    run.add_argument("--guidance", type=float, default=6.0, help="guidance scale (paper: 6)")
+    run.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per prompt, e.g. --seeds 0 1 2")
+    run.add_argument("--negative-prompt", default=None, help="(paper: none)")
+    run.add_argument("--resolution", type=int, default=None, help="output side in pixels (default: native)")
+    run.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    run.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                     help="the pipelines' weights (default: as loaded, float32)")
+    run.add_argument("--models", default=None, help="YAML of EvalModels fields (clip, dino, pickscore, detector, face, sdxl, ...)")
+    run.add_argument("--paper-models", action="store_true", help="start from the published checkpoints (hub ids)")
+    for flag, meaning in (
+        ("clip", "CLIP ViT-B/32 (CLIP-I, CLIP-T, multimodal CLIP score)"), ("dino", "DINO ViT-S/16"),
+        ("pickscore", "PickScore_v1"), ("detector", "GroundingDINO (multimodal CLIP score)"),
+        ("face", "dlib | dlib:DIR | arcface | arcface:ROOT"), ("sdxl", "base SDXL (text adherence)"),
+    ):
+        run.add_argument(f"--{flag}", default=None, help=f"{meaning}; 'none' to leave it out")
+    run.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite beside --out")
+    run.add_argument("--experiment", default="mumu-eval")
+    run.add_argument("--run-name", default=None)
+    run.add_argument("--run-id", default=None, help="log into this existing MLflow run (e.g. the training run)")
+    run.add_argument("--no-mlflow", action="store_true")
+    run.add_argument("--quiet", action="store_true")
+    run.set_defaults(func=cmd_eval_run)
+
+    compare = commands.add_parser("compare", help="two evaluation runs' metrics side by side, with deltas")
+    compare.add_argument("run_a", metavar="RUN_A", help="MLflow run id or run name")
+    compare.add_argument("run_b", metavar="RUN_B", help="MLflow run id or run name")
+    compare.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else outputs/mlflow.db")
+    compare.set_defaults(func=cmd_eval_compare)
+    return evaluation
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m eval.cli run ...`: the same commands, before they are wired into `mumu`."""
+    from mumu_model.prompt import PromptError
+
+    parser = argparse.ArgumentParser(prog="mumu")
+    add_eval_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, PromptError, ImportError, FileNotFoundError) as err:
+        print(f"mumu: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,640 @@
+"""`evaluate`: generate every suite entry for every seed, score it, report it, log it to MLflow.
+
+Steps, in an order that fails fast and keeps one big model in memory at a time:
+1. The pipeline folder is checked (an incomplete one raises `PipelineFolderError` at once), the
+   suites are read (a broken suite file raises `SuiteError`) and the metric models are loaded
+   (a bad path fails here, before any image is generated).
+2. MUMU generates each entry, all its seeds in one call. An entry whose image is missing or
+   whose prompt has more images than the model takes becomes an `EntryError`; the rest go on.
+3. If `models.sdxl` is set, the base SDXL generates the text-only entries with the same texts,
+   seeds and sampler, for text adherence (CLIP-T of MUMU vs SDXL).
+4. Each image is scored; rows are aggregated per suite and over suites; images, grids (inputs
+   beside outputs), `rows.csv` and `summary.json` are written under `out_dir`, atomically.
+5. Metrics, params and artifacts go to MLflow (`{suite}/{metric}` and `aggregate/{metric}`).
+
+Metric columns of a row (one generated image): clip_t, clip_i, dino, pickscore, mm_clip
+(multimodal CLIP score), mm_objects / mm_found, face_sim / face_dist / face_found /
+face_total, and for text-only rows sdxl_clip_t. A metric whose model is not configured is
+absent; a metric that does not apply to the row (no references, no faces) is NaN.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageDraw
+
+from mumu_model.atomic import write_bytes_atomic
+from mumu_model.data.detection import Detector
+from mumu_model.images import pad_to_square
+from mumu_model.pipeline import MUMUPipeline
+
+from .faces import FaceEmbedder, face_similarity, load_face_embedder
+from .metrics import (
+    ClipEmbedder,
+    DinoEmbedder,
+    clip_i,
+    clip_t,
+    dino_score,
+    multimodal_clip_score,
+)
+from .suites import EntryError, LoadedEntry, Suite, load_entry, load_suite
+
+logger = logging.getLogger("mumu.eval")
+
+DEFAULT_EXPERIMENT = "mumu-eval"
+MLFLOW_BATCH = 100  # MLflow's limit on params / metrics per log_batch call
+
+# Metrics averaged over rows (NaN rows left out) and the counters summed over rows.
+MEAN_METRICS = ("clip_t", "clip_i", "dino", "pickscore", "mm_clip", "face_sim", "face_dist", "sdxl_clip_t")
+COUNT_METRICS = ("mm_objects", "mm_found", "face_total", "face_found")
+
+
+class PipelineFolderError(ValueError):
+    """The pipeline folder cannot be a MUMU pipeline: raised before anything else runs."""
+
+
+@dataclass(frozen=True)
+class EvalModels:
+    """The models behind the metrics, as paths or hub ids; None leaves that metric out.
+
+    `EvalModels()` is the offline default (face consistency with dlib only); `EvalModels.paper()`
+    the published protocol's checkpoints. Profiles swap any field.
+    """
+
+    clip: str | Path | None = None  # CLIP-I, CLIP-T, multimodal CLIP score (CLIP ViT-B/32)
+    dino: str | Path | None = None  # DINO (dino-vits16)
+    pickscore: str | Path | None = None  # PickScore_v1
+    pickscore_processor: str | Path | None = None  # None: PickScorer's default for the model
+    detector: str | Path | Detector | None = None  # GroundingDINO (multimodal CLIP score; needs clip)
+    detector_box_threshold: float = 0.35
+    detector_text_threshold: float = 0.25
+    face: str | FaceEmbedder | None = "dlib"  # "dlib", "dlib:DIR", "arcface", "arcface:ROOT"
+    sdxl: str | Path | None = None  # base SDXL pipeline for text adherence (optional)
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> EvalModels:
+        """DreamBench's CLIP ViT-B/32 and DINO ViT-S/16, PickScore_v1, GroundingDINO, ArcFace
+        antelopev2 (as InstantID) and SDXL base: hub ids, for machines that can reach the hub."""
+        from mumu_model.data.scoring import PICKSCORE_MODEL
+
+        from .metrics import CLIP_MODEL, DINO_MODEL
+
+        defaults = dict(
+            clip=CLIP_MODEL, dino=DINO_MODEL, pickscore=PICKSCORE_MODEL,
+            detector="IDEA-Research/grounding-dino-base", face="arcface",
+            sdxl="stabilityai/stable-diffusion-xl-base-1.0",
+        )
+        return cls(**{**defaults, **overrides})
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> EvalModels:
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown eval model fields {sorted(unknown)} (known: {sorted(cls.__dataclass_fields__)})")
+        return cls(**values)
+
+    def describe(self) -> dict[str, str]:
+        """For MLflow params: each field as text (objects by class name)."""
+        described = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            plain = value is None or isinstance(value, (str, Path, int, float))
+            described[name] = str(value) if plain else type(value).__name__
+        return described
+
+
+@dataclass
+class EvalResult:
+    rows: pd.DataFrame  # one row per generated image (suite, entry, seed, image, metrics)
+    suites: dict[str, dict[str, float]]  # per suite: metric -> value
+    aggregate: dict[str, float]  # over suites (means of suite means; counts summed)
+    errors: list[EntryError]
+    settings: dict[str, str]  # what was logged as MLflow params
+    out_dir: Path
+    run_id: str | None = None
+    tracking_uri: str | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """Flat, as logged: {"single_subject/clip_i": ..., "aggregate/clip_i": ...}."""
+        flat = {f"{suite}/{name}": value for suite, values in self.suites.items() for name, value in values.items()}
+        flat.update({f"aggregate/{name}": value for name, value in self.aggregate.items()})
+        return flat
+
+
+@dataclass
+class _Scorers:
+    clip: ClipEmbedder | None = None
+    dino: DinoEmbedder | None = None
+    pickscore: Any = None  # mumu_model.data.scoring.PickScorer
+    detector: Detector | None = None
+    face: FaceEmbedder | None = None
+
+
+@dataclass
+class _Generated:
+    entry: LoadedEntry
+    seeds: list[int]
+    images: list[Image.Image]
+    paths: list[str]  # relative to out_dir
+    sdxl_images: list[Image.Image] = field(default_factory=list)
+
+
+# -- the pipeline folder -------------------------------------------------------------------
+
+
+def check_pipeline_folder(path: str | Path) -> Path:
+    """Fail fast, naming what is missing, when `path` is not a complete MUMU pipeline folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise PipelineFolderError(f"pipeline {path}: no such folder")
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise PipelineFolderError(f"pipeline {path}: not a pipeline folder (no model_index.json)")
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise PipelineFolderError(f"pipeline {path}: model_index.json is unreadable: {err}") from err
+    if index.get("_class_name") != "MUMUPipeline":
+        raise PipelineFolderError(f"pipeline {path}: model_index.json is a {index.get('_class_name')!r}, not a MUMUPipeline")
+    missing = []
+    for name, value in index.items():
+        if name.startswith("_") or not (isinstance(value, list) and len(value) == 2 and value[0] is not None):
+            continue  # config values (max_images) and absent optional components
+        folder = path / name
+        if not folder.is_dir() or not any(folder.iterdir()):
+            missing.append(f"{name}/ (missing or empty)")
+        elif not any(folder.glob("*config*.json")):
+            missing.append(f"{name}/ (no config file)")
+        elif name in ("encoder", "adapter", "unet", "vae") and not any(folder.glob("*.safetensors")):
+            missing.append(f"{name}/ (no .safetensors weights)")
+    if missing:
+        raise PipelineFolderError(f"pipeline {path} is incomplete: {', '.join(missing)}")
+    return path
+
+
+def _load_pipeline(pipeline: str | Path | MUMUPipeline, device: str, dtype: torch.dtype | None) -> MUMUPipeline:
+    if isinstance(pipeline, MUMUPipeline):
+        return pipeline
+    path = check_pipeline_folder(pipeline)
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    try:
+        pipe = MUMUPipeline.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PipelineFolderError(f"pipeline {path}: cannot load: {first}") from err
+    return pipe.to(device)
+
+
+# -- models --------------------------------------------------------------------------------
+
+
+def _load_scorers(models: EvalModels, device: str) -> _Scorers:
+    scorers = _Scorers()
+    if models.clip is not None:
+        scorers.clip = ClipEmbedder(models.clip, device=device)
+    if models.dino is not None:
+        scorers.dino = DinoEmbedder(models.dino, device=device)
+    if models.pickscore is not None:
+        from mumu_model.data.scoring import PickScorer
+
+        processor = str(models.pickscore_processor) if models.pickscore_processor is not None else None
+        scorers.pickscore = PickScorer(str(models.pickscore), processor, device=device)
+    if models.detector is not None:
+        if models.clip is None:
+            raise ValueError("models.detector is set but models.clip is not: the multimodal CLIP score needs both")
+        if isinstance(models.detector, (str, Path)):
+            from mumu_model.data.detection import GroundingDinoDetector
+
+            scorers.detector = GroundingDinoDetector(
+                str(models.detector), box_threshold=models.detector_box_threshold,
+                text_threshold=models.detector_text_threshold, device=device,
+            )
+        else:
+            scorers.detector = models.detector
+    scorers.face = load_face_embedder(models.face, device=device)
+    return scorers
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_tracking_uri(out_dir: Path) -> str:
+    """$MLFLOW_TRACKING_URI if set, else a sqlite file beside `out_dir` (as training does), so
+    evaluations written next to each other land in one database to compare."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(out_dir).resolve().parent / 'mlflow.db'}"
+
+
+# -- evaluate ------------------------------------------------------------------------------
+
+
+def evaluate(
+    pipeline: str | Path | MUMUPipeline,
+    suites: Sequence[str | Path | Suite],
+    *,
+    models: EvalModels | None = None,
+    steps: int = 50,
+    guidance: float = 6.0,
+    seeds: Sequence[int] = (0,),
+    out_dir: str | Path,
+    mlflow_run: bool | str = True,
+    negative_prompt: str | None = None,
+    resolution: int | None = None,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    tracking_uri: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    run_name: str | None = None,
+) -> EvalResult:
+    """Evaluate a MUMU pipeline on prompt suites; see the module docstring for the steps.
+
+    Args:
+        pipeline: a pipeline folder (checked first; an incomplete one raises
+            `PipelineFolderError`) or a loaded `MUMUPipeline` (used as it is).
+        suites: suite files (or loaded `Suite`s); see `eval.suites`.
+        models: the metric models (`EvalModels`); default `EvalModels()` (dlib faces only).
+        steps, guidance, negative_prompt: sampling (paper: 50 DDIM steps, guidance 6, none);
+            the sampler is the pipeline's own scheduler (DDIM for MUMU pipelines).
+        seeds: every entry is generated once per seed (`torch.Generator().manual_seed(seed)`).
+        out_dir: images, grids, rows.csv and summary.json are written here.
+        mlflow_run: True starts a new run in `experiment`; a run id logs into that existing
+            run (e.g. the training run being evaluated); False logs nothing.
+        resolution: output side in pixels (default: the pipeline's native size).
+        tracking_uri: default `default_tracking_uri(out_dir)`.
+
+    Bad entries do not raise: they are collected in `EvalResult.errors` (and logged), and the
+    rest of the suite is scored.
+    """
+    started = time.perf_counter()
+    models = models if models is not None else EvalModels()
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    device = device or _default_device()
+    out_dir = Path(out_dir)
+
+    # 1. Fail fast: the pipeline folder, the suite files, the metric models.
+    if not isinstance(pipeline, MUMUPipeline):
+        check_pipeline_folder(pipeline)
+    loaded_suites = [s if isinstance(s, Suite) else load_suite(s) for s in suites]
+    names = [s.name for s in loaded_suites]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two suites share a name: {names}")
+    scorers = _load_scorers(models, device)
+    errors: list[EntryError] = [e for s in loaded_suites for e in s.errors]
+
+    # 2. MUMU generates every entry.
+    pipe = _load_pipeline(pipeline, device, dtype)
+    owns_pipeline = not isinstance(pipeline, MUMUPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    scheduler_class = type(pipe.scheduler)
+    max_images = int(pipe.config.max_images)
+    size = resolution or pipe.default_sample_size
+    generated: list[_Generated] = []
+    for suite in loaded_suites:
+        for entry in suite.entries:
+            try:
+                loaded = load_entry(suite, entry, max_images)
+                images = _generate_mumu(pipe, loaded, seeds, steps, guidance, negative_prompt, size, suite.image_root)
+            except EntryError as err:
+                errors.append(err)
+                continue
+            except Exception as err:  # noqa: BLE001 - one broken entry must not end the evaluation
+                logger.exception("generating %s/%s failed", suite.name, entry.id)
+                errors.append(EntryError(suite.name, entry.id, f"generation failed: {type(err).__name__}: {err}"))
+                continue
+            paths = [_save_png(out_dir, f"images/{suite.name}/{entry.id}/seed{seed}.png", image)
+                     for seed, image in zip(seeds, images)]
+            generated.append(_Generated(loaded, seeds, images, paths))
+    if owns_pipeline:
+        del pipe
+        _free(device)
+
+    # 3. The base SDXL on the text-only entries, for text adherence.
+    if models.sdxl is not None and any(g.entry.text_only for g in generated):
+        _generate_sdxl(models.sdxl, generated, seeds, steps, guidance, negative_prompt, size, scheduler_class,
+                       device, dtype, out_dir)
+        _free(device)
+
+    # 4. Score, aggregate, write.
+    rows: list[dict[str, Any]] = []
+    for item in generated:
+        try:
+            rows.extend(_score(item, scorers, errors))
+        except Exception as err:  # noqa: BLE001
+            logger.exception("scoring %s/%s failed", item.entry.suite, item.entry.id)
+            errors.append(EntryError(item.entry.suite, item.entry.id, f"scoring failed: {type(err).__name__}: {err}"))
+    table = pd.DataFrame(rows)
+    suite_metrics = {s.name: _summarize(table[table["suite"] == s.name] if len(table) else table) for s in loaded_suites}
+    for suite in loaded_suites:
+        suite_metrics[suite.name]["errors"] = float(sum(e.suite == suite.name for e in errors))
+    aggregate = _aggregate(suite_metrics, table)
+    aggregate["errors"] = float(len(errors))
+
+    settings = {
+        "pipeline": str(pipeline.name_or_path if isinstance(pipeline, MUMUPipeline) else Path(pipeline).resolve()),
+        "steps": str(steps),
+        "guidance": str(guidance),
+        "seeds": ",".join(map(str, seeds)),
+        "negative_prompt": "" if negative_prompt is None else negative_prompt,
+        "scheduler": scheduler_class.__name__,
+        "resolution": str(size),
+        "device": device,
+        **{f"suite.{s.name}.version": s.version for s in loaded_suites},
+        **{f"suite.{s.name}.sha256": s.sha256[:16] for s in loaded_suites},
+        **{f"suite.{s.name}.entries": str(len(s.entries) + len(s.errors)) for s in loaded_suites},
+        **{f"models.{k}": v for k, v in models.describe().items()},
+    }
+    grids = {s.name: _suite_grid([g for g in generated if g.entry.suite == s.name]) for s in loaded_suites}
+    for name, grid in grids.items():
+        if grid is not None:
+            _save_png(out_dir, f"grids/{name}.png", grid)
+        else:  # nothing generated: no grid, and none left from an earlier run into out_dir
+            (out_dir / "grids" / f"{name}.png").unlink(missing_ok=True)
+    result = EvalResult(table, suite_metrics, aggregate, errors, settings, out_dir)
+    write_bytes_atomic(out_dir / "rows.csv", table.to_csv(index=False).encode())
+    _write_summary(result)
+
+    # 5. MLflow.
+    if mlflow_run:
+        result.tracking_uri = tracking_uri or default_tracking_uri(out_dir)
+        existing = mlflow_run if isinstance(mlflow_run, str) else None
+        result.run_id = _log_mlflow(result, result.tracking_uri, experiment, existing, run_name)
+        _write_summary(result)  # again, now with the run id
+    for error in errors:
+        logger.warning("entry error: %s", error)
+    logger.info("evaluated %d images in %.1f s, %d errors", len(table), time.perf_counter() - started, len(errors))
+    return result
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    # CPU generators: the same seed gives the same noise on any device.
+    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+
+def _generate_mumu(
+    pipe: MUMUPipeline, entry: LoadedEntry, seeds: list[int], steps: int, guidance: float,
+    negative_prompt: str | None, size: int, image_root: Path,
+) -> list[Image.Image]:
+    # All seeds in one call: each image has its own generator, so it does not depend on the others.
+    negative = None
+    if negative_prompt is not None:
+        from mumu_model.prompt import MultimodalPrompt
+
+        negative = MultimodalPrompt.from_text(negative_prompt, image_root, max_images=pipe.config.max_images)
+    return pipe(
+        entry.prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+        negative_prompt=negative, num_images_per_prompt=len(seeds), generator=_generators(seeds),
+    ).images
+
+
+def _generate_sdxl(
+    source: str | Path, generated: list[_Generated], seeds: list[int], steps: int, guidance: float,
+    negative_prompt: str | None, size: int, scheduler_class: type, device: str, dtype: torch.dtype | None,
+    out_dir: Path,
+) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    sdxl = StableDiffusionXLPipeline.from_pretrained(str(source), use_safetensors=True, **kwargs).to(device)
+    # The same sampler as MUMU's, so the comparison is of the conditioning, not the scheduler.
+    sdxl.scheduler = scheduler_class.from_config(sdxl.scheduler.config)
+    sdxl.set_progress_bar_config(disable=True)
+    for item in generated:
+        if not item.entry.text_only:
+            continue
+        item.sdxl_images = sdxl(
+            prompt=item.entry.text, negative_prompt=negative_prompt, height=size, width=size,
+            num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=len(seeds),
+            generator=_generators(seeds),
+        ).images
+        for seed, image in zip(seeds, item.sdxl_images):
+            _save_png(out_dir, f"images_sdxl/{item.entry.suite}/{item.entry.id}/seed{seed}.png", image)
+    del sdxl
+
+
+def _score(item: _Generated, scorers: _Scorers, errors: list[EntryError]) -> list[dict[str, Any]]:
+    entry, images = item.entry, item.images
+    rows: list[dict[str, Any]] = [
+        {"suite": entry.suite, "entry": entry.id, "seed": seed, "image": path, "prompt": entry.entry.prompt,
+         "text": entry.text, "text_only": entry.text_only}
+        for seed, path in zip(item.seeds, item.paths)
+    ]
+    keys = [f"{entry.suite}/{entry.id}/seed{seed}" for seed in item.seeds]
+
+    def put(name: str, values: Sequence[float]) -> None:
+        for row, value in zip(rows, values):
+            row[name] = float(value)
+
+    if scorers.clip is not None:
+        put("clip_t", clip_t(scorers.clip, images, [entry.text] * len(images)))
+        put("clip_i", clip_i(scorers.clip, images, entry.references))
+        if item.sdxl_images:
+            put("sdxl_clip_t", clip_t(scorers.clip, item.sdxl_images, [entry.text] * len(images)))
+    if scorers.dino is not None:
+        put("dino", dino_score(scorers.dino, images, entry.references))
+    if scorers.pickscore is not None:
+        put("pickscore", scorers.pickscore.score([entry.text] * len(images), images, ids=keys))
+    if scorers.detector is not None and scorers.clip is not None and entry.objects:
+        scores = multimodal_clip_score(scorers.clip, scorers.detector, images, entry.objects, keys=keys)
+        put("mm_clip", [s.score for s in scores])
+        put("mm_objects", [len(s.objects) for s in scores])
+        put("mm_found", [s.found for s in scores])
+    if scorers.face is not None:
+        references = []
+        for index, face_image in enumerate(entry.faces):
+            found = scorers.face.faces(face_image)
+            if not found:
+                errors.append(EntryError(entry.suite, entry.id, f"faces[{index}] {entry.entry.faces[index]!r}: "
+                                         f"the {scorers.face.name} detector finds no face in it"))
+                continue
+            references.append(found[0].embedding)
+        if references:
+            scores = face_similarity(scorers.face, images, references)
+            put("face_sim", [s.similarity for s in scores])
+            put("face_dist", [s.distance for s in scores])
+            put("face_found", [s.found for s in scores])
+            put("face_total", [s.total for s in scores])
+    return rows
+
+
+# -- aggregation ---------------------------------------------------------------------------
+
+
+def _summarize(rows: pd.DataFrame) -> dict[str, float]:
+    """One suite's metrics: means over images (NaN left out), counts summed, found rates."""
+    metrics: dict[str, float] = {"images": float(len(rows))}
+    for name in MEAN_METRICS:
+        if name in rows and rows[name].notna().any():
+            metrics[name] = float(rows[name].mean())
+    for name in COUNT_METRICS:
+        if name in rows and rows[name].notna().any():
+            metrics[name] = float(rows[name].sum())
+    if metrics.get("mm_objects"):
+        metrics["mm_found_rate"] = metrics["mm_found"] / metrics["mm_objects"]
+    if metrics.get("face_total"):
+        metrics["face_found_rate"] = metrics["face_found"] / metrics["face_total"]
+    # Text adherence: MUMU's CLIP-T against SDXL's on the same text-only prompts and seeds.
+    if "sdxl_clip_t" in metrics:
+        paired = rows[rows["sdxl_clip_t"].notna()]
+        metrics["clip_t_text_only"] = float(paired["clip_t"].mean())
+        metrics["clip_t_vs_sdxl"] = metrics["clip_t_text_only"] - metrics["sdxl_clip_t"]
+    return metrics
+
+
+def _aggregate(suites: dict[str, dict[str, float]], rows: pd.DataFrame) -> dict[str, float]:
+    """Over suites: the mean of suite means (each suite weighs the same, whatever its size),
+    counts summed and rates recomputed from them."""
+    aggregate: dict[str, float] = {"images": float(len(rows))}
+    names = {name for metrics in suites.values() for name in metrics}
+    for name in sorted(names):
+        values = [m[name] for m in suites.values() if name in m and not math.isnan(m[name])]
+        if not values or name in ("images", "errors"):
+            continue
+        aggregate[name] = float(sum(values)) if name in COUNT_METRICS else float(np.mean(values))
+    if aggregate.get("mm_objects"):
+        aggregate["mm_found_rate"] = aggregate["mm_found"] / aggregate["mm_objects"]
+    if aggregate.get("face_total"):
+        aggregate["face_found_rate"] = aggregate["face_found"] / aggregate["face_total"]
+    return aggregate
+
+
+# -- files ---------------------------------------------------------------------------------
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _save_png(out_dir: Path, relative: str, image: Image.Image) -> str:
+    write_bytes_atomic(out_dir / relative, _png(image))
+    return relative
+
+
+def _suite_grid(items: list[_Generated], cell: int = 128) -> Image.Image | None:
+    """One row per entry: the prompt's images (padded to square, as the model sees them), a gap,
+    one output per seed, and for text-only entries another gap and SDXL's outputs. The entry id
+    and prompt are written under each row."""
+    if not items:
+        return None
+    label = 14
+    groups = [[list(i.entry.prompt.images), i.images, i.sdxl_images] for i in items]
+    widths = [max(len(g[k]) for g in groups) for k in range(3)]
+    columns = widths[0] + 1 + widths[1] + (1 + widths[2] if widths[2] else 0)
+    grid = Image.new("RGB", (columns * cell, len(items) * (cell + label)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for row, (item, group) in enumerate(zip(items, groups)):
+        top = row * (cell + label)
+        starts = [0, widths[0] + 1, widths[0] + 1 + widths[1] + 1]
+        for start, images in zip(starts, group):
+            for column, image in enumerate(images):
+                grid.paste(pad_to_square(image).resize((cell, cell)), ((start + column) * cell, top))
+        caption = f"{item.entry.id}: {item.entry.entry.prompt}" + ("  | right: SDXL" if item.sdxl_images else "")
+        draw.text((2, top + cell + 1), caption[:300], fill=(0, 0, 0))
+    return grid
+
+
+def _write_summary(result: EvalResult) -> None:
+    summary = {
+        "suites": result.suites,
+        "aggregate": result.aggregate,
+        "errors": [e.as_dict() for e in result.errors],
+        "settings": result.settings,
+        "run_id": result.run_id,
+        "tracking_uri": result.tracking_uri,
+    }
+    text = json.dumps(summary, indent=2, sort_keys=True, allow_nan=True, default=str)
+    write_bytes_atomic(result.out_dir / "summary.json", text.encode())
+
+
+# -- MLflow --------------------------------------------------------------------------------
+
+
+def _artifact_location(uri: str) -> str | None:
+    if uri.startswith("sqlite:///"):
+        # Without one MLflow puts artifacts under ./mlruns of whatever the working directory is.
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def _experiment_id(client, name: str, uri: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_location(uri))
+    except MlflowException:  # created by someone else in between
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _log_mlflow(result: EvalResult, uri: str, experiment: str, run_id: str | None, run_name: str | None) -> str:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    client = MlflowClient(tracking_uri=uri)
+    created = run_id is None
+    if created:
+        run = client.create_run(_experiment_id(client, experiment, uri), run_name=run_name,
+                                tags={"mumu.kind": "evaluation"})
+        run_id = run.info.run_id
+        params = [Param(k, v[:6000]) for k, v in result.settings.items()]
+    else:
+        client.get_run(run_id)  # raises a clear MlflowException for an unknown run
+        # A training run already has its own params; ours go under "eval." so none collide.
+        params = [Param(f"eval.{k}", v[:6000]) for k, v in result.settings.items()]
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, 0) for k, v in result.metrics().items() if not math.isnan(v)]
+    for start in range(0, max(len(params), len(metrics)), MLFLOW_BATCH):
+        client.log_batch(run_id, metrics=metrics[start : start + MLFLOW_BATCH], params=params[start : start + MLFLOW_BATCH])
+    client.set_tag(run_id, "mumu.eval.errors", str(len(result.errors)))
+    for suite in result.suites:  # this run's grids only: out_dir may hold older ones
+        grid = result.out_dir / "grids" / f"{suite}.png"
+        if grid.is_file():
+            client.log_artifact(run_id, str(grid), artifact_path="eval/grids")
+    for name in ("rows.csv", "summary.json"):
+        client.log_artifact(run_id, str(result.out_dir / name), artifact_path="eval")
+    if result.errors:
+        errors = "\n".join(str(e) for e in result.errors) + "\n"
+        client.log_text(run_id, errors, "eval/errors.txt")
+    if created:
+        client.set_terminated(run_id, status="FINISHED")
+    return run_id
+
+
+__all__ = [
+    "DEFAULT_EXPERIMENT",
+    "EvalModels",
+    "EvalResult",
+    "PipelineFolderError",
+    "check_pipeline_folder",
+    "default_tracking_uri",
+    "evaluate",
+]

@@ -1,0 +1,78 @@
+"""The evaluation asset: the trained pipeline scored on the versioned prompt suites."""
+
+# No `from __future__ import annotations`: Dagster reads config and resource types from the
+# live annotations.
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+from .metadata import preview
+from .params import REPO_ROOT
+from .resources import DatasetStorage
+from .training_assets import stage1_model, stage2_model
+
+
+class EvalModelsResource(dg.ConfigurableResource):
+    """The models behind the metrics (paths or hub ids); None leaves a metric out."""
+
+    clip: str | None = None
+    dino: str | None = None
+    pickscore: str | None = None
+    detector: str | None = None
+    face: str | None = "dlib"
+    sdxl: str | None = None
+
+    def models(self):
+        from eval.run import EvalModels
+
+        return EvalModels(clip=self.clip, dino=self.dino, pickscore=self.pickscore, detector=self.detector,
+                          face=self.face, sdxl=self.sdxl)
+
+
+class EvaluationConfig(dg.Config):
+    pipeline: str = "runs/stage2/pipeline"  # the stage-2 output; set to runs/stage1/pipeline for stage 1
+    suites: list[str] = [str(p.relative_to(REPO_ROOT)) for p in sorted((REPO_ROOT / "eval" / "suites").glob("*.yaml"))]
+    steps: int = 50  # paper: 50 DDIM steps, guidance 6, no negative prompt
+    guidance: float = 6.0
+    seeds: list[int] = [0, 1]
+    resolution: int | None = None
+    tracking_uri: str | None = None
+
+
+@dg.asset(group_name="evaluation", deps=[stage1_model, stage2_model], kinds={"mlflow"})
+def evaluation(
+    context: dg.AssetExecutionContext, config: EvaluationConfig, storage: DatasetStorage,
+    eval_models: EvalModelsResource,
+) -> dg.MaterializeResult:
+    """DreamBench metrics, multimodal CLIP score, PickScore, face consistency and text adherence
+    per suite; a summary table and grids here, the same in MLflow for `mumu eval compare`."""
+    from eval.run import evaluate
+
+    out_dir = storage.path("evaluation", context.run_id)
+    result = evaluate(
+        config.pipeline, [Path(s) for s in config.suites], models=eval_models.models(), steps=config.steps,
+        guidance=config.guidance, seeds=tuple(config.seeds), out_dir=out_dir, resolution=config.resolution,
+        tracking_uri=config.tracking_uri, run_name=f"eval-{context.run_id[:8]}",
+    )
+    summary = pd.DataFrame(result.suites).T
+    summary.loc["aggregate"] = pd.Series(result.aggregate)
+    metadata = {
+        "summary": dg.MetadataValue.md(summary.round(4).to_markdown()),
+        "errors": dg.MetadataValue.int(len(result.errors)),
+        "error_examples": dg.MetadataValue.json([str(e) for e in result.errors[:10]]),
+        "mlflow_run_id": dg.MetadataValue.text(result.run_id or ""),
+        "out_dir": dg.MetadataValue.path(str(result.out_dir)),
+        "rows": preview(result.rows.drop(columns=[c for c in ("image",) if c in result.rows]), rows=8),
+    }
+    grids = sorted(Path(result.out_dir).rglob("*.png"))
+    grids = [g for g in grids if "grid" in str(g)]
+    if grids:
+        metadata["grid"] = dg.MetadataValue.path(str(grids[0]))
+    for name, value in result.aggregate.items():
+        if isinstance(value, (int, float)):
+            metadata[f"aggregate/{name}"] = dg.MetadataValue.float(float(value))
+    return dg.MaterializeResult(metadata=metadata)
+
+
+EVAL_ASSETS = [evaluation]
