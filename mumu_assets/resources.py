@@ -1,7 +1,8 @@
 """Resources: where datasets live, and which model backs each data step.
 
-Profiles swap the backends (mumu_assets.profiles); the assets never name a model. Models are
-loaded on first use and kept for the rest of the run, so a partition loads each model once.
+Profiles swap the backends (mumu_assets.profiles); the assets never name a model. Backends an
+asset calls once per run are built on demand (`build_*`); the others load on first use and are
+kept for the rest of the run (`get()`).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class ContentStyleBackend(_CachedBackend):
         return FallbackSplitter(primary, RuleBasedSplitter()) if self.fallback_to_rules else primary
 
 
-class SynthesisBackend(_CachedBackend):
+class SynthesisBackend(dg.ConfigurableResource):
     """Text-to-image for the synthetic half of the data (paper: SDXL base)."""
 
     model: str
@@ -108,7 +109,7 @@ class ScorerBackend(_CachedBackend):
         return PickScorer(self.model, self.processor, device=_device(self.device))
 
 
-class DetectorBackend(_CachedBackend):
+class DetectorBackend(dg.ConfigurableResource):
     """Open-vocabulary detection of caption phrases (GroundingDINO through transformers)."""
 
     model: str
@@ -122,7 +123,7 @@ class DetectorBackend(_CachedBackend):
         )
 
 
-class RealImageModels(_CachedBackend):
+class RealImageModels(dg.ConfigurableResource):
     """Models of the real-photo branch (paper: LLaVA 1.6 captions; SFW, watermark and person
     filters). A filter whose model is None is off, and the asset's metadata says so."""
 
