@@ -31,65 +31,12 @@ from PIL import Image
 
 from mumu_model.data.detection import Detector, Phrase, crop
 from mumu_model.data.report import Skipped
+# CLIP-I and CLIP-T use the project's one CLIP wrapper (also behind PickScore).
+from mumu_model.data.scoring import ClipEmbedder, l2_normalize
 from mumu_model.images import pad_to_square, to_rgb
 
 CLIP_MODEL = "openai/clip-vit-base-patch32"
 DINO_MODEL = "facebook/dino-vits16"
-
-# CLIP's text context; longer prompts are truncated, as in every CLIP-T implementation.
-MAX_TEXT_TOKENS = 77
-
-
-def _normalize(embeddings: torch.Tensor) -> torch.Tensor:
-    embeddings = embeddings.float()
-    return embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
-def _pooled(output) -> torch.Tensor:
-    """transformers 5 returns CLIP's projected embeddings as `pooler_output`; 4.x a tensor."""
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
-class ClipEmbedder:
-    """L2-normalised CLIP image and text embeddings (`CLIPModel`), in batches."""
-
-    def __init__(
-        self,
-        model: str | Path = CLIP_MODEL,
-        *,
-        batch_size: int = 32,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ):
-        from transformers import AutoProcessor, CLIPModel
-
-        self.processor = AutoProcessor.from_pretrained(str(model))
-        self.model = CLIPModel.from_pretrained(str(model), dtype=dtype, use_safetensors=True).to(device).eval()
-        self.batch_size = batch_size
-        self.device = torch.device(device)
-        self.dtype = dtype
-
-    @torch.no_grad()
-    def images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """[N, D] float32 on the CPU."""
-        chunks = []
-        for start in range(0, len(images), self.batch_size):
-            batch = [to_rgb(image) for image in images[start : start + self.batch_size]]
-            pixels = self.processor.image_processor(images=batch, return_tensors="pt")["pixel_values"]
-            features = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
-            chunks.append(_normalize(_pooled(features)).cpu())
-        return torch.cat(chunks) if chunks else torch.empty(0, self.model.config.projection_dim)
-
-    @torch.no_grad()
-    def texts(self, texts: Sequence[str]) -> torch.Tensor:
-        chunks = []
-        for start in range(0, len(texts), self.batch_size):
-            inputs = self.processor.tokenizer(
-                list(texts[start : start + self.batch_size]),
-                padding="max_length", truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt",
-            ).to(self.device)
-            chunks.append(_normalize(_pooled(self.model.get_text_features(**inputs))).cpu())
-        return torch.cat(chunks) if chunks else torch.empty(0, self.model.config.projection_dim)
 
 
 class DinoEmbedder:
@@ -121,7 +68,7 @@ class DinoEmbedder:
             batch = [to_rgb(image) for image in images[start : start + self.batch_size]]
             pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"]
             hidden = self.model(pixel_values=pixels.to(self.device, self.dtype)).last_hidden_state
-            chunks.append(_normalize(hidden[:, 0]).cpu())
+            chunks.append(l2_normalize(hidden[:, 0]).cpu())
         return torch.cat(chunks) if chunks else torch.empty(0, self.model.config.hidden_size)
 
 

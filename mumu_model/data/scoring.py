@@ -8,6 +8,9 @@ LAION CLIP, text is truncated to 77 tokens, both embeddings are L2-normalised.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import torch
@@ -28,6 +31,65 @@ MAX_TEXT_TOKENS = 77
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 
 
+def l2_normalize(embeddings: torch.Tensor) -> torch.Tensor:
+    embeddings = embeddings.float()
+    return embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _pooled(output) -> torch.Tensor:
+    """transformers 5 returns CLIP's projected embeddings as `pooler_output`; 4.x a tensor."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+class ClipEmbedder:
+    """L2-normalised CLIP image and text embeddings (`CLIPModel`), in batches, float32 on the
+    CPU. The one CLIP wrapper of the project: PickScore here, CLIP-I/CLIP-T in `eval`."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        processor: str | Path | None = None,
+        *,
+        batch_size: int = 32,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.processor = AutoProcessor.from_pretrained(str(processor or model), trust_remote_code=False)
+        self.model = CLIPModel.from_pretrained(str(model), dtype=dtype, use_safetensors=True).to(device).eval()
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    @torch.no_grad()
+    def images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """[N, D]. Images are converted as everywhere in MUMU (alpha over black)."""
+        chunks = []
+        for start in range(0, len(images), self.batch_size):
+            batch = [to_rgb(image) for image in images[start : start + self.batch_size]]
+            pixels = self.processor.image_processor(images=batch, return_tensors="pt")["pixel_values"]
+            features = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
+            chunks.append(l2_normalize(_pooled(features)).cpu())
+        return torch.cat(chunks) if chunks else torch.empty(0, self.model.config.projection_dim)
+
+    @torch.no_grad()
+    def texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """[N, D]. Texts are padded to 77 tokens so a text's embedding never depends on its batch."""
+        chunks = []
+        for start in range(0, len(texts), self.batch_size):
+            inputs = self.processor.tokenizer(
+                list(texts[start : start + self.batch_size]),
+                padding="max_length", truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt",
+            ).to(self.device)
+            chunks.append(l2_normalize(_pooled(self.model.get_text_features(**inputs))).cpu())
+        return torch.cat(chunks) if chunks else torch.empty(0, self.model.config.projection_dim)
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().exp())
+
+
 class PickScorer:
     """Score (text_i, image_i) pairs with a CLIP model; `score` returns one float per pair."""
 
@@ -40,17 +102,11 @@ class PickScorer:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if processor is None:
             # PickScore_v1 ships no processor of its own; its reference code uses LAION's.
             processor = PICKSCORE_PROCESSOR if model == PICKSCORE_MODEL else model
-        self.processor = AutoProcessor.from_pretrained(processor, trust_remote_code=False)
-        self.model = CLIPModel.from_pretrained(model, dtype=dtype, use_safetensors=True).to(device)
-        self.model.eval()
+        self.clip = ClipEmbedder(model, processor, batch_size=batch_size, device=device, dtype=dtype)
         self.batch_size = batch_size
-        self.device = torch.device(device)
-        self.dtype = dtype
         self.skipped = Skipped()
 
     def score(
@@ -61,7 +117,8 @@ class PickScorer:
         ids: list[str] | None = None,
         skipped: Skipped | None = None,
     ) -> np.ndarray:
-        """PickScore of each (texts[i], images[i]) pair, float32, shape (len(texts),).
+        """PickScore of each (texts[i], images[i]) pair, float32, shape (len(texts),):
+        `logit_scale.exp() * cos(text_emb, image_emb)`, as PickScore's reference code.
 
         A pair that cannot be scored (not a string, not a usable image) gets NaN and is counted
         under "unscorable"; `filter_by_score` drops NaN scores.
@@ -78,37 +135,16 @@ class PickScorer:
                 skipped.add("unscorable", ids[index], f"text is {type(text).__name__}")
                 continue
             try:
-                # Same RGB conversion as everywhere in MUMU (alpha over black).
                 valid.append((index, text, to_rgb(image)))
             except Exception as err:  # noqa: BLE001 - bad input is counted, not raised
                 skipped.add("unscorable", ids[index], f"image: {type(err).__name__}: {err}")
-
-        for start in range(0, len(valid), self.batch_size):
-            chunk = valid[start : start + self.batch_size]
-            values = self._score_batch([text for _, text, _ in chunk], [image for _, _, image in chunk])
-            scores[[index for index, _, _ in chunk]] = values
+        if valid:
+            text_embeds = self.clip.texts([text for _, text, _ in valid])
+            image_embeds = self.clip.images([image for _, _, image in valid])
+            # The diagonal of the reference's `text_embs @ image_embs.T`: each text with its image.
+            values = self.clip.logit_scale * (text_embeds * image_embeds).sum(dim=-1)
+            scores[[index for index, _, _ in valid]] = values.numpy()
         return scores
-
-    @torch.no_grad()
-    def _score_batch(self, texts: list[str], images: list[Image.Image]) -> np.ndarray:
-        text_inputs = self.processor.tokenizer(
-            texts, padding="max_length", truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt"
-        ).to(self.device)
-        image_inputs = self.processor.image_processor(images=images, return_tensors="pt")
-        pixel_values = image_inputs["pixel_values"].to(self.device, self.dtype)
-
-        text_embeds = _embeddings(self.model.get_text_features(**text_inputs))
-        image_embeds = _embeddings(self.model.get_image_features(pixel_values=pixel_values))
-        text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
-        image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
-        # The diagonal of the reference's `text_embs @ image_embs.T`: each text with its image.
-        scores = self.model.logit_scale.exp() * (text_embeds * image_embeds).sum(dim=-1)
-        return scores.float().cpu().numpy()
-
-
-def _embeddings(output) -> torch.Tensor:
-    """transformers 5 returns the projected embeddings as `pooler_output`; 4.x a tensor."""
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
 def filter_by_score(table: pd.DataFrame, min_score: float) -> tuple[pd.DataFrame, dict]:
