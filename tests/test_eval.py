@@ -21,7 +21,6 @@ from eval.suites import SuiteError, builtin_suites, load_entry, load_suite
 from mumu_model.data.detection import AnnotationsDetector
 from mumu_model.data.tiny_models import tiny_clip, tiny_dino, tiny_grounding_dino, tiny_sdxl_pipeline
 
-torch.set_num_threads(1)  # a shared 2-core machine: tiny models gain nothing from threads
 
 
 @pytest.fixture(scope="module")
@@ -204,19 +203,10 @@ def tracking_uri(tmp_path_factory):
 def eval_models(tmp_path_factory, clip_dir, dino_dir):
     root = tmp_path_factory.mktemp("eval_models")
     words = ["face", "circle", "square", "woman"]
-    face = "dlib" if _has_dlib() else None
     return EvalModels(
         clip=clip_dir, dino=dino_dir, pickscore=clip_dir, detector=tiny_grounding_dino(root / "gdino", words),
-        detector_box_threshold=0.0, face=face, sdxl=tiny_sdxl_pipeline(root / "sdxl"),
+        detector_box_threshold=0.0, face="dlib", sdxl=tiny_sdxl_pipeline(root / "sdxl"),
     )
-
-
-def _has_dlib() -> bool:
-    try:
-        import dlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _custom_suite(tmp_path: Path) -> Path:

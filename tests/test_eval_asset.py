@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import dagster as dg
-import torch
 
 from mumu_assets.eval_assets import EvalModelsResource, evaluation
 from mumu_assets.resources import DatasetStorage
@@ -14,7 +13,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_evaluation_asset_reports_summary_and_grid(tmp_path):
-    torch.set_num_threads(1)
     pipeline = tiny_pipeline(tmp_path / "pipeline")
     models = EvalModelsResource(
         clip=str(tiny_clip(tmp_path / "clip")), dino=str(tiny_dino(tmp_path / "dino")),

@@ -10,16 +10,6 @@ from mumu_model.data.scoring import PickScorer, filter_by_score
 from mumu_model.data.tiny_models import tiny_clip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from threads, and on a busy machine OpenMP threads wait on each
-    # other: these tests ran 10x slower with 2 threads beside another job than with 1.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     return tiny_clip(tmp_path_factory.mktemp("tiny_pickscore"))

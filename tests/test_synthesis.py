@@ -9,16 +9,6 @@ from mumu_model.data.synthesis import SDXLSynthesizer
 from mumu_model.data.tiny_models import tiny_sdxl_pipeline
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from threads, and on a busy machine OpenMP threads wait on each
-    # other: these tests ran 10x slower with 2 threads beside another job than with 1.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SIZE = 32  # pixels; the tiny VAE downsamples by 2, so 16x16 latents
 
 

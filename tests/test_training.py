@@ -54,14 +54,6 @@ def small_shard(tmp_path_factory) -> Path:
     return write_shard(tmp_path_factory.mktemp("small") / "00000.tar", records(2)).path
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores; and results identical to the 1-thread subprocesses
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(tmp_path: Path, shard: Path, **fields) -> TrainConfig:
     values = dict(
         model_profile="tiny", image_size=28, shards=(str(shard),), resolution=32, batch_size=2,
@@ -110,7 +102,6 @@ def test_config_yaml_and_overrides(tmp_path):
 @pytest.fixture(scope="module")
 def table1(tmp_path_factory, shard):
     """The paper's modes and lrs (defaults) on the tiny model, 3 steps; snapshots before/after."""
-    torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("table1")
     trainer = Trainer(tiny(tmp, shard, max_steps=3))
     before = {"model": snapshot(trainer.model), "vae": snapshot(trainer.pipe.vae)}
@@ -257,7 +248,6 @@ def test_checkpoints_total_limit_keeps_the_newest(tmp_path, shard):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, shard):
-    torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("tracked")
     Image.new("RGB", (16, 16), (30, 200, 30)).save(tmp / "green.png")
     config = tiny(

@@ -4,7 +4,6 @@ import sys
 from pathlib import Path
 
 import dagster as dg
-import pytest
 
 from mumu_assets.resources import DatasetStorage
 from mumu_assets.training_assets import TrainingCluster, stage1_model, stage2_model

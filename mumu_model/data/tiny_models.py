@@ -456,8 +456,7 @@ def tiny_dino(path: str | Path, seed: int = 0) -> Path:
         image_size=32, patch_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=32,
     )
-    with torch.random.fork_rng(devices=[]):  # weights depend on `seed` only; caller's RNG untouched
-        torch.manual_seed(seed)
+    with _seeded(seed):
         model = ViTModel(config, add_pooling_layer=False)
     model.save_pretrained(path)
     # dino-vits16's preprocessing (resize, ImageNet mean/std), at 32 px.
@@ -465,19 +464,3 @@ def tiny_dino(path: str | Path, seed: int = 0) -> Path:
         size={"height": 32, "width": 32}, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]
     ).save_pretrained(path)
     return path
-
-
-__all__ = [
-    "CLIP_MODEL",
-    "DINO_MODEL",
-    "ClipEmbedder",
-    "DinoEmbedder",
-    "MultimodalScore",
-    "ObjectScore",
-    "clip_i",
-    "clip_t",
-    "dino_score",
-    "mean_cosine_to_references",
-    "multimodal_clip_score",
-    "tiny_dino",
-]
