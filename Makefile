@@ -26,13 +26,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
-# The main job. For now: build the tiny pipeline (random weights) and generate a sample from
-# a multimodal prompt; the toy profile (issue 6) replaces this with the whole trained graph.
+# The main job: the toy profile (the default, SPEC §7) end to end through Dagster: render the
+# world, train its VAE and CLIP, build the training data, train stages 1 and 2, evaluate. Then
+# record every dataset's version in dvc.lock and print what the model learned.
 demo: $(STAMP)
-	$(BIN)/mumu init --profile tiny --out $(OUT)/tiny-pipeline --overwrite
-	$(BIN)/mumu generate --model $(OUT)/tiny-pipeline --image-root examples/images \
-		--prompt 'a <img:red_circle.png> circle and a <img:blue_square.png> square' \
-		--steps 50 --guidance 6 --seed 0 --out $(OUT)/sample.png
+	$(BIN)/python -m mumu_assets.materialize --all
+	$(BIN)/dvc commit --force --quiet
+	$(BIN)/python -m mumu_assets.summary
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -41,4 +41,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/pipeline_overhead.py
 
 clean:
-	rm -rf $(OUT)
+	rm -rf $(OUT) data runs

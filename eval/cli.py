@@ -47,11 +47,12 @@ def _print_summary(result) -> None:
     metrics = sorted({name for values in result.suites.values() for name in values} | set(result.aggregate))
     scopes = list(result.suites) + ["aggregate"]
     width = max(len(s) for s in scopes)
+    names = max([16] + [len(name) for name in metrics])
     table = {**result.suites, "aggregate": result.aggregate}
-    print("  ".join(["metric".ljust(16)] + [s.rjust(width) for s in scopes]))
+    print("  ".join(["metric".ljust(names)] + [s.rjust(width) for s in scopes]))
     for name in metrics:
         cells = [f"{table[s][name]:.4f}" if name in table[s] else "-" for s in scopes]
-        print("  ".join([name.ljust(16)] + [c.rjust(width) for c in cells]))
+        print("  ".join([name.ljust(names)] + [c.rjust(width) for c in cells]))
 
 
 def cmd_eval_run(args: argparse.Namespace) -> None:
@@ -76,7 +77,7 @@ def cmd_eval_run(args: argparse.Namespace) -> None:
         args.model, suites, models=_models(args), steps=args.steps, guidance=args.guidance, seeds=args.seeds,
         out_dir=Path(args.out), mlflow_run=mlflow_run, negative_prompt=args.negative_prompt,
         resolution=args.resolution, device=args.device, dtype=dtype, tracking_uri=args.tracking_uri,
-        experiment=args.experiment, run_name=args.run_name,
+        experiment=args.experiment, run_name=args.run_name, text_only_ablation=args.text_only_ablation,
     )
     _print_summary(result)
     print(f"wrote {result.out_dir} ({len(result.rows)} images)")
@@ -119,6 +120,9 @@ def add_eval_commands(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--guidance", type=float, default=6.0, help="guidance scale (paper: 6)")
     run.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per prompt, e.g. --seeds 0 1 2")
     run.add_argument("--negative-prompt", default=None, help="(paper: none)")
+    run.add_argument("--text-only-ablation", action="store_true",
+                     help="also generate every prompt with its images removed (same seeds) and score it "
+                     "separately (metrics with a _text_only suffix): what the images add")
     run.add_argument("--resolution", type=int, default=None, help="output side in pixels (default: native)")
     run.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     run.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,

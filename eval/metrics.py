@@ -15,6 +15,16 @@ that drops objects cannot hide behind the ones it kept. Both the object image an
 are padded to square (black, as MUMU pads its conditioning images) before CLIP, so CLIP's
 centre crop cuts nothing off either.
 
+Colour probe (the toy world, SPEC §7): analytic, no model. A prompt's objects may name the
+palette colour the output should take from their images; the probe counts, per palette colour,
+the solid 2x2 patches of the output near it (`mumu_model.toy.world.colour_counts`; single pixels
+would let noise score), and a colour "covers" the image with at least `min_patches` of them.
+- One coloured object: `colour_match` is 1.0 when the dominant colour (the one with the most
+  patches, if it covers) is the object's colour, else 0.0.
+- Several: the fraction of the objects' colours that cover the image, so 0.5 for one of two.
+Chance is 1 / len(PALETTE) for one object (`colour_chance`); a text-only ablation of a model
+that learned its colours from the images should sit there.
+
 Every model is loaded by path (or hub id) through `from_pretrained`: tests use tiny random
 models built from config (`tiny_dino` here, `tiny_clip` in `mumu_model.data.tiny_models`).
 """
@@ -97,6 +107,40 @@ def clip_t(clip: ClipEmbedder, images: Sequence[Image.Image], texts: Sequence[st
     if len(images) != len(texts):
         raise ValueError(f"{len(images)} images but {len(texts)} texts")
     return (clip.images(images) * clip.texts(texts)).sum(dim=-1).tolist()
+
+
+# -- colour probe --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ColourProbe:
+    match: float  # 1.0 / 0.0 for one object; for several, the fraction of their colours found
+    found: str  # what the probe saw: the dominant colour (one object), or every colour covering
+    # the image, most patches first, comma-joined (several); "" when none covers it
+
+
+def colour_probe(image: Image.Image, colours: Sequence[str], *, min_patches: int = 2) -> ColourProbe:
+    """Does the image carry the expected palette `colours` (one per object)? See the module
+    docstring; the patch counting is the toy world's, so eval and world agree on "red"."""
+    from mumu_model.toy.world import colour_counts, dominant_colour
+
+    if not colours:
+        raise ValueError("colour_probe needs at least one expected colour")
+    image = to_rgb(image)
+    if len(colours) == 1:
+        dominant = dominant_colour(image, min_patches=min_patches) or ""
+        return ColourProbe(float(dominant == colours[0]), dominant)
+    counts = colour_counts(image)
+    # Most patches first; ties keep palette order (sorted is stable).
+    covering = sorted((c for c, n in counts.items() if n >= min_patches), key=lambda c: -counts[c])
+    return ColourProbe(sum(c in covering for c in colours) / len(colours), ",".join(covering))
+
+
+def colour_chance() -> float:
+    """The colour probe's chance level for one object: one palette colour in len(PALETTE)."""
+    from mumu_model.toy.world import PALETTE
+
+    return 1.0 / len(PALETTE)
 
 
 # -- multimodal-prompt CLIP score ----------------------------------------------------------
@@ -194,11 +238,14 @@ __all__ = [
     "CLIP_MODEL",
     "DINO_MODEL",
     "ClipEmbedder",
+    "ColourProbe",
     "DinoEmbedder",
     "MultimodalScore",
     "ObjectScore",
     "clip_i",
     "clip_t",
+    "colour_chance",
+    "colour_probe",
     "dino_score",
     "mean_cosine_to_references",
     "multimodal_clip_score",

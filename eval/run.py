@@ -6,6 +6,9 @@ Steps, in an order that fails fast and keeps one big model in memory at a time:
    (a bad path fails here, before any image is generated).
 2. MUMU generates each entry, all its seeds in one call. An entry whose image is missing or
    whose prompt has more images than the model takes becomes an `EntryError`; the rest go on.
+   With `text_only_ablation`, MUMU also generates every entry that has images a second time
+   with its images removed ("a <img:x.png> circle" -> "a circle"), same seeds and sampler: what
+   the model draws from the words alone, so the multimodal rows show what the images add.
 3. If `models.sdxl` is set, the base SDXL generates the text-only entries with the same texts,
    seeds and sampler, for text adherence (CLIP-T of MUMU vs SDXL).
 4. Each image is scored; rows are aggregated per suite and over suites; images, grids (inputs
@@ -14,8 +17,17 @@ Steps, in an order that fails fast and keeps one big model in memory at a time:
 
 Metric columns of a row (one generated image): clip_t, clip_i, dino, pickscore, mm_clip
 (multimodal CLIP score), mm_objects / mm_found, face_sim / face_dist / face_found /
-face_total, and for text-only rows sdxl_clip_t. A metric whose model is not configured is
-absent; a metric that does not apply to the row (no references, no faces) is NaN.
+face_total, colour_match (the toy world's colour probe, with colour_found, the colour(s) the
+probe saw, a string) and for text-only rows sdxl_clip_t. A metric whose model is not configured
+is absent; a metric that does not apply to the row (no references, no faces, no coloured
+objects) is NaN. The `variant` column says which prompt made the image: "multimodal" (the
+entry's prompt) or "text_only" (the ablation, images removed).
+
+Per suite (and aggregated), the multimodal rows give the metrics under their own names and the
+ablation rows the same ones with a `_text_only` suffix (colour_match_text_only, clip_i_text_only,
+images_text_only, ...), except CLIP-T: `clip_t_text_only` already names MUMU's CLIP-T on the
+suite's text-only entries (against SDXL's), so the ablation's CLIP-T stays in the rows only.
+Where the colour probe applies, `colour_chance` is its chance level, 1 / len(PALETTE).
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ from mumu_model.atomic import write_bytes_atomic
 from mumu_model.data.detection import Detector
 from mumu_model.images import pad_to_square
 from mumu_model.pipeline import MUMUPipeline
+from mumu_model.prompt import MultimodalPrompt
 
 from .faces import FaceEmbedder, face_similarity, load_face_embedder
 from .metrics import (
@@ -48,10 +61,12 @@ from .metrics import (
     DinoEmbedder,
     clip_i,
     clip_t,
+    colour_chance,
+    colour_probe,
     dino_score,
     multimodal_clip_score,
 )
-from .suites import EntryError, LoadedEntry, Suite, load_entry, load_suite
+from .suites import EntryError, LoadedEntry, Suite, load_entry, load_suite, prompt_words
 
 logger = logging.getLogger("mumu.eval")
 
@@ -59,8 +74,17 @@ DEFAULT_EXPERIMENT = "mumu-eval"
 MLFLOW_BATCH = 100  # MLflow's limit on params / metrics per log_batch call
 
 # Metrics averaged over rows (NaN rows left out) and the counters summed over rows.
-MEAN_METRICS = ("clip_t", "clip_i", "dino", "pickscore", "mm_clip", "face_sim", "face_dist", "sdxl_clip_t")
+MEAN_METRICS = ("clip_t", "clip_i", "dino", "pickscore", "mm_clip", "face_sim", "face_dist", "sdxl_clip_t",
+                "colour_match")
 COUNT_METRICS = ("mm_objects", "mm_found", "face_total", "face_found")
+
+# The `variant` of a row: the entry's own prompt, or the text-only ablation of it.
+MULTIMODAL = "multimodal"
+TEXT_ONLY = "text_only"
+ABLATION_SUFFIX = "_text_only"
+# Not summarized for the ablation: `clip_t_text_only` already means MUMU's CLIP-T on the
+# text-only entries (paired with SDXL's), and the ablation has no SDXL images.
+_NOT_ABLATED = ("clip_t", "sdxl_clip_t")
 
 
 class PipelineFolderError(ValueError):
@@ -151,6 +175,8 @@ class _Generated:
     images: list[Image.Image]
     paths: list[str]  # relative to out_dir
     sdxl_images: list[Image.Image] = field(default_factory=list)
+    ablation_images: list[Image.Image] = field(default_factory=list)  # text-only ablation, per seed
+    ablation_paths: list[str] = field(default_factory=list)
 
 
 # -- the pipeline folder -------------------------------------------------------------------
@@ -261,6 +287,7 @@ def evaluate(
     tracking_uri: str | None = None,
     experiment: str = DEFAULT_EXPERIMENT,
     run_name: str | None = None,
+    text_only_ablation: bool = False,
 ) -> EvalResult:
     """Evaluate a MUMU pipeline on prompt suites; see the module docstring for the steps.
 
@@ -277,6 +304,9 @@ def evaluate(
             run (e.g. the training run being evaluated); False logs nothing.
         resolution: output side in pixels (default: the pipeline's native size).
         tracking_uri: default `default_tracking_uri(out_dir)`.
+        text_only_ablation: also generate each entry that has images with its images removed
+            (same seeds and sampling) and score those rows too (`variant` "text_only"; summary
+            metrics with a `_text_only` suffix), to show what the images contribute.
 
     Bad entries do not raise: they are collected in `EvalResult.errors` (and logged), and the
     rest of the suite is scored.
@@ -313,7 +343,12 @@ def evaluate(
         for entry in suite.entries:
             try:
                 loaded = load_entry(suite, entry, max_images)
-                images = _generate_mumu(pipe, loaded, seeds, steps, guidance, negative_prompt, size, suite.image_root)
+                images = _generate_mumu(pipe, loaded.prompt, seeds, steps, guidance, negative_prompt, size,
+                                        suite.image_root)
+                ablation = []
+                if text_only_ablation and not loaded.text_only:
+                    ablation = _generate_mumu(pipe, prompt_words(loaded.prompt), seeds, steps, guidance,
+                                              negative_prompt, size, suite.image_root)
             except EntryError as err:
                 errors.append(err)
                 continue
@@ -323,7 +358,10 @@ def evaluate(
                 continue
             paths = [_save_png(out_dir, f"images/{suite.name}/{entry.id}/seed{seed}.png", image)
                      for seed, image in zip(seeds, images)]
-            generated.append(_Generated(loaded, seeds, images, paths))
+            ablation_paths = [_save_png(out_dir, f"images_text_only/{suite.name}/{entry.id}/seed{seed}.png", image)
+                              for seed, image in zip(seeds, ablation)]
+            generated.append(_Generated(loaded, seeds, images, paths, ablation_images=ablation,
+                                        ablation_paths=ablation_paths))
     if owns_pipeline:
         del pipe
         _free(device)
@@ -343,6 +381,8 @@ def evaluate(
             logger.exception("scoring %s/%s failed", item.entry.suite, item.entry.id)
             errors.append(EntryError(item.entry.suite, item.entry.id, f"scoring failed: {type(err).__name__}: {err}"))
     table = pd.DataFrame(rows)
+    if "colour_found" in table:  # a string column: "" (not NaN) where nothing was found or probed
+        table["colour_found"] = table["colour_found"].fillna("")
     suite_metrics = {s.name: _summarize(table[table["suite"] == s.name] if len(table) else table) for s in loaded_suites}
     for suite in loaded_suites:
         suite_metrics[suite.name]["errors"] = float(sum(e.suite == suite.name for e in errors))
@@ -358,6 +398,7 @@ def evaluate(
         "scheduler": scheduler_class.__name__,
         "resolution": str(size),
         "device": device,
+        "text_only_ablation": str(bool(text_only_ablation)),
         **{f"suite.{s.name}.version": s.version for s in loaded_suites},
         **{f"suite.{s.name}.sha256": s.sha256[:16] for s in loaded_suites},
         **{f"suite.{s.name}.entries": str(len(s.entries) + len(s.errors)) for s in loaded_suites},
@@ -397,17 +438,15 @@ def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
 
 
 def _generate_mumu(
-    pipe: MUMUPipeline, entry: LoadedEntry, seeds: list[int], steps: int, guidance: float,
+    pipe: MUMUPipeline, prompt: MultimodalPrompt | str, seeds: list[int], steps: int, guidance: float,
     negative_prompt: str | None, size: int, image_root: Path,
 ) -> list[Image.Image]:
     # All seeds in one call: each image has its own generator, so it does not depend on the others.
     negative = None
     if negative_prompt is not None:
-        from mumu_model.prompt import MultimodalPrompt
-
         negative = MultimodalPrompt.from_text(negative_prompt, image_root, max_images=pipe.config.max_images)
     return pipe(
-        entry.prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+        prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
         negative_prompt=negative, num_images_per_prompt=len(seeds), generator=_generators(seeds),
     ).images
 
@@ -438,13 +477,20 @@ def _generate_sdxl(
 
 
 def _score(item: _Generated, scorers: _Scorers, errors: list[EntryError]) -> list[dict[str, Any]]:
-    entry, images = item.entry, item.images
+    """The rows of an entry: one per multimodal image, then one per ablation image (if any),
+    every metric computed on all of them at once against the same entry."""
+    entry = item.entry
+    images = item.images + item.ablation_images
+    # `prompt` is what MUMU was given; `text` (what CLIP-T reads) and `text_only` are the entry's.
     rows: list[dict[str, Any]] = [
-        {"suite": entry.suite, "entry": entry.id, "seed": seed, "image": path, "prompt": entry.entry.prompt,
-         "text": entry.text, "text_only": entry.text_only}
-        for seed, path in zip(item.seeds, item.paths)
+        {"suite": entry.suite, "entry": entry.id, "variant": variant, "seed": seed, "image": path,
+         "prompt": prompt, "text": entry.text, "text_only": entry.text_only}
+        for variant, prompt, paths in ((MULTIMODAL, entry.entry.prompt, item.paths),
+                                       (TEXT_ONLY, prompt_words(entry.prompt), item.ablation_paths))
+        for seed, path in zip(item.seeds, paths)
     ]
-    keys = [f"{entry.suite}/{entry.id}/seed{seed}" for seed in item.seeds]
+    keys = [f"{entry.suite}/{entry.id}/seed{row['seed']}" if row["variant"] == MULTIMODAL
+            else f"{entry.suite}/{entry.id}/{TEXT_ONLY}/seed{row['seed']}" for row in rows]
 
     def put(name: str, values: Sequence[float]) -> None:
         for row, value in zip(rows, values):
@@ -453,8 +499,8 @@ def _score(item: _Generated, scorers: _Scorers, errors: list[EntryError]) -> lis
     if scorers.clip is not None:
         put("clip_t", clip_t(scorers.clip, images, [entry.text] * len(images)))
         put("clip_i", clip_i(scorers.clip, images, entry.references))
-        if item.sdxl_images:
-            put("sdxl_clip_t", clip_t(scorers.clip, item.sdxl_images, [entry.text] * len(images)))
+        if item.sdxl_images:  # text-only entries only, which have no ablation rows
+            put("sdxl_clip_t", clip_t(scorers.clip, item.sdxl_images, [entry.text] * len(item.sdxl_images)))
     if scorers.dino is not None:
         put("dino", dino_score(scorers.dino, images, entry.references))
     if scorers.pickscore is not None:
@@ -479,6 +525,11 @@ def _score(item: _Generated, scorers: _Scorers, errors: list[EntryError]) -> lis
             put("face_dist", [s.distance for s in scores])
             put("face_found", [s.found for s in scores])
             put("face_total", [s.total for s in scores])
+    if entry.colours:  # analytic, no model: always on where the suite names colours
+        probes = [colour_probe(image, entry.colours) for image in images]
+        put("colour_match", [p.match for p in probes])
+        for row, probe in zip(rows, probes):
+            row["colour_found"] = probe.found
     return rows
 
 
@@ -486,7 +537,27 @@ def _score(item: _Generated, scorers: _Scorers, errors: list[EntryError]) -> lis
 
 
 def _summarize(rows: pd.DataFrame) -> dict[str, float]:
-    """One suite's metrics: means over images (NaN left out), counts summed, found rates."""
+    """One suite's metrics: those of its multimodal rows, and those of its ablation rows with a
+    `_text_only` suffix; the colour probe's chance level where it applies."""
+    multimodal, ablation = _variants(rows)
+    metrics = _variant_metrics(multimodal)
+    if len(ablation):
+        metrics.update({f"{name}{ABLATION_SUFFIX}": value for name, value in _variant_metrics(ablation).items()
+                        if name not in _NOT_ABLATED})
+    if "colour_match" in metrics or f"colour_match{ABLATION_SUFFIX}" in metrics:
+        metrics["colour_chance"] = colour_chance()
+    return metrics
+
+
+def _variants(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(multimodal rows, text-only ablation rows)."""
+    if "variant" not in rows:  # no rows at all: no columns either
+        return rows, rows
+    return rows[rows["variant"] == MULTIMODAL], rows[rows["variant"] == TEXT_ONLY]
+
+
+def _variant_metrics(rows: pd.DataFrame) -> dict[str, float]:
+    """Means over images (NaN left out), counts summed, found rates."""
     metrics: dict[str, float] = {"images": float(len(rows))}
     for name in MEAN_METRICS:
         if name in rows and rows[name].notna().any():
@@ -508,18 +579,23 @@ def _summarize(rows: pd.DataFrame) -> dict[str, float]:
 
 def _aggregate(suites: dict[str, dict[str, float]], rows: pd.DataFrame) -> dict[str, float]:
     """Over suites: the mean of suite means (each suite weighs the same, whatever its size),
-    counts summed and rates recomputed from them."""
-    aggregate: dict[str, float] = {"images": float(len(rows))}
+    counts summed and rates recomputed from them (for the ablation's suffixed ones too)."""
+    multimodal, ablation = _variants(rows)
+    aggregate: dict[str, float] = {"images": float(len(multimodal))}
+    if len(ablation):
+        aggregate[f"images{ABLATION_SUFFIX}"] = float(len(ablation))
     names = {name for metrics in suites.values() for name in metrics}
     for name in sorted(names):
         values = [m[name] for m in suites.values() if name in m and not math.isnan(m[name])]
-        if not values or name in ("images", "errors"):
+        if not values or name in ("images", f"images{ABLATION_SUFFIX}", "errors"):
             continue
-        aggregate[name] = float(sum(values)) if name in COUNT_METRICS else float(np.mean(values))
-    if aggregate.get("mm_objects"):
-        aggregate["mm_found_rate"] = aggregate["mm_found"] / aggregate["mm_objects"]
-    if aggregate.get("face_total"):
-        aggregate["face_found_rate"] = aggregate["face_found"] / aggregate["face_total"]
+        counted = name.removesuffix(ABLATION_SUFFIX) in COUNT_METRICS
+        aggregate[name] = float(sum(values)) if counted else float(np.mean(values))
+    for suffix in ("", ABLATION_SUFFIX):
+        if aggregate.get(f"mm_objects{suffix}"):
+            aggregate[f"mm_found_rate{suffix}"] = aggregate[f"mm_found{suffix}"] / aggregate[f"mm_objects{suffix}"]
+        if aggregate.get(f"face_total{suffix}"):
+            aggregate[f"face_found_rate{suffix}"] = aggregate[f"face_found{suffix}"] / aggregate[f"face_total{suffix}"]
     return aggregate
 
 
@@ -539,12 +615,14 @@ def _save_png(out_dir: Path, relative: str, image: Image.Image) -> str:
 
 def _suite_grid(items: list[_Generated], cell: int = 128) -> Image.Image | None:
     """One row per entry: the prompt's images (padded to square, as the model sees them), a gap,
-    one output per seed, and for text-only entries another gap and SDXL's outputs. The entry id
-    and prompt are written under each row."""
+    one output per seed, and then another gap and the outputs to compare with: SDXL's for
+    text-only entries, the text-only ablation's for entries with images. The entry id and
+    prompt are written under each row."""
     if not items:
         return None
     label = 14
-    groups = [[list(i.entry.prompt.images), i.images, i.sdxl_images] for i in items]
+    # An entry has SDXL images (text-only) or ablation images (with images), never both.
+    groups = [[list(i.entry.prompt.images), i.images, i.sdxl_images or i.ablation_images] for i in items]
     widths = [max(len(g[k]) for g in groups) for k in range(3)]
     columns = widths[0] + 1 + widths[1] + (1 + widths[2] if widths[2] else 0)
     grid = Image.new("RGB", (columns * cell, len(items) * (cell + label)), (255, 255, 255))
@@ -555,7 +633,8 @@ def _suite_grid(items: list[_Generated], cell: int = 128) -> Image.Image | None:
         for start, images in zip(starts, group):
             for column, image in enumerate(images):
                 grid.paste(pad_to_square(image).resize((cell, cell)), ((start + column) * cell, top))
-        caption = f"{item.entry.id}: {item.entry.entry.prompt}" + ("  | right: SDXL" if item.sdxl_images else "")
+        right = "  | right: SDXL" if item.sdxl_images else "  | right: images removed" if item.ablation_images else ""
+        caption = f"{item.entry.id}: {item.entry.entry.prompt}{right}"
         draw.text((2, top + cell + 1), caption[:300], fill=(0, 0, 0))
     return grid
 

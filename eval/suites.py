@@ -13,6 +13,14 @@ A suite file (`eval/suites/*.yaml`, format in `eval/suites/README.md`):
         references: [cat.jpg]                           # CLIP-I and DINO
         faces: []                                       # face consistency (portraits)
 
+An object may name the palette colour the output should take from its image (the toy world,
+SPEC §7: captions leave the colour out, so only the conditioning crop can supply it):
+
+        objects: [{image: 0007.png, phrase: circle, colour: red}]   # analytic colour probe
+
+`colour` must be a name in `mumu_model.toy.world.PALETTE`; entries with coloured objects get
+the `colour_match` metric (`eval.metrics.colour_probe`), which needs no model.
+
 Loading is in two steps so that bad input costs one entry, not the run:
 - `load_suite(path)` reads the file. A problem with the file itself (not YAML, no version, no
   entries) raises `SuiteError`; a malformed entry becomes an `EntryError` in `suite.errors`.
@@ -39,7 +47,7 @@ SUITE_SUFFIXES = (".yaml", ".yml", ".json")
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _ENTRY_FIELDS = {"id", "prompt", "text", "objects", "references", "faces"}
-_OBJECT_FIELDS = {"image", "phrase", "box"}
+_OBJECT_FIELDS = {"image", "phrase", "box", "colour"}
 
 Box = tuple[float, float, float, float]
 
@@ -68,6 +76,7 @@ class SuiteObject:
     image: str  # reference under the suite's image_root
     phrase: str  # what the detector looks for in the output
     box: Box | None = None  # optional region of `image` that is the object (x0, y0, x1, y1)
+    colour: str | None = None  # palette colour the output should carry (the toy world's probe)
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,11 @@ class LoadedEntry:
     @property
     def text_only(self) -> bool:
         return self.prompt.num_images == 0
+
+    @property
+    def colours(self) -> list[str]:
+        """The colours the output should carry, one per object that names one (prompt order)."""
+        return [o.colour for o in self.entry.objects if o.colour is not None]
 
 
 # -- finding suite files -------------------------------------------------------------------
@@ -249,7 +263,14 @@ def _parse_object(item: object, index: int) -> SuiteObject:
         if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
             raise ValueError(f"objects[{index}]: box must be [x0, y0, x1, y1]")
         box = tuple(float(v) for v in box)
-    return SuiteObject(item["image"], item["phrase"].strip(), box)
+    colour = item.get("colour")
+    if colour is not None:
+        # Imported here: only toy-world suites name colours.
+        from mumu_model.toy.world import PALETTE
+
+        if not isinstance(colour, str) or colour not in PALETTE:
+            raise ValueError(f"objects[{index}]: unknown colour {colour!r} (known: {', '.join(PALETTE)})")
+    return SuiteObject(item["image"], item["phrase"].strip(), box, colour)
 
 
 def _suite_hash(raw: bytes, image_root: Path, entries: Sequence[SuiteEntry]) -> str:

@@ -7,6 +7,7 @@ atomically, and reports rows in/out, what was skipped and why, and the DVC hash.
 
 # No `from __future__ import annotations`: Dagster reads the config and resource types of
 # asset functions from their live annotations.
+import json
 import math
 
 import dagster as dg
@@ -114,6 +115,7 @@ class SynthesisConfig(dg.Config):
     steps: int = P["synthesis"]["steps"]
     guidance: float = P["synthesis"]["guidance"]
     batch_size: int = P["synthesis"]["batch_size"]
+    image_format: str = P["synthesis"].get("image_format", "jpg")
 
 
 @dg.asset(group_name="synthetic", deps=[content_style], partitions_def=SHARDS, kinds={"webdataset"},
@@ -130,16 +132,24 @@ def synthetic_images(
         config.height, config.width, config.steps, config.guidance, config.batch_size
     )
     out = storage.path("synthetic", "images", f"{shard}.tar")
-    result = steps.synthesize(pairs, synthesizer, out)
+    result = steps.synthesize(pairs, synthesizer, out, config.image_format)
+    metadata = dataset_metadata(out, len(pairs), result.rows, result.skipped)
+    annotations = result.table["annotations"].dropna()
+    if len(annotations):  # a renderer that knows what it drew: how many images are wrong on purpose
+        defects = pd.Series([json.loads(a).get("defect") for a in annotations]).value_counts().to_dict()
+        metadata["deliberate_defects"] = dg.MetadataValue.json({str(k): int(v) for k, v in defects.items()})
     return dg.MaterializeResult(
-        metadata=dataset_metadata(out, len(pairs), result.rows, result.skipped),
+        metadata=metadata,
         check_results=[_check("all_pairs_rendered", result.rows == len(pairs), "every pair of the shard has an image",
                               dg.AssetCheckSeverity.WARN, missing=len(pairs) - result.rows)],
     )
 
 
-@dg.asset(group_name="synthetic", deps=[synthetic_images], partitions_def=SHARDS, kinds={"parquet"},
-          check_specs=[dg.AssetCheckSpec("scores_finite", asset="pickscore_scores")], automation_condition=EAGER)
+# The scorer is an asset of the "pretrained" group: a hub checkpoint in the paper profile, a CLIP
+# the toy profile trains on its own renders (mumu_assets.pretrained_assets).
+@dg.asset(group_name="synthetic", deps=[synthetic_images, dg.AssetKey("scorer_model")], partitions_def=SHARDS,
+          kinds={"parquet"}, check_specs=[dg.AssetCheckSpec("scores_finite", asset="pickscore_scores")],
+          automation_condition=EAGER)
 def pickscore_scores(
     context: dg.AssetExecutionContext, storage: DatasetStorage, scorer_backend: ScorerBackend
 ) -> dg.MaterializeResult:
@@ -165,6 +175,8 @@ def pickscore_scores(
 
 class FilterConfig(dg.Config):
     min_score: float = P["pickscore"]["min_score"]
+    # > 0: also drop this quantile of the lowest scores (for a scorer with no calibrated scale)
+    min_quantile: float = P["pickscore"].get("min_quantile", 0.0)
 
 
 @dg.asset(group_name="synthetic", deps=[pickscore_scores], partitions_def=SHARDS, kinds={"parquet"},
@@ -176,7 +188,7 @@ def filtered_synthetic(
     shard = context.partition_key
     scores = pd.read_parquet(storage.path("synthetic", "pickscore", f"{shard}.parquet"))
     out = storage.path("synthetic", "filtered", f"{shard}.parquet")
-    kept, stats = steps.filter_scores(scores, config.min_score, out)
+    kept, stats = steps.filter_scores(scores, config.min_score, out, config.min_quantile)
     kept_fraction = float(len(kept) / len(scores)) if len(scores) else 0.0
     return dg.MaterializeResult(
         check_results=[_check("kept_fraction", kept_fraction >= 0.05,
@@ -187,8 +199,22 @@ def filtered_synthetic(
             "kept_fraction": dg.MetadataValue.float(kept_fraction),
             "min_score": dg.MetadataValue.float(config.min_score),
             "stats": dg.MetadataValue.json(stats),
+            **_defect_metadata(stats),
         }
     )
+
+
+def _defect_metadata(stats: dict) -> dict:
+    """How well the filter rejects the images a renderer made wrong on purpose (toy profile)."""
+    defects = stats.get("defects")
+    if not defects:
+        return {}
+    metadata = {"defects_caught": dg.MetadataValue.int(defects["caught"]),
+                "defects_total": dg.MetadataValue.int(defects["defective"]),
+                "defect_recall": dg.MetadataValue.float(defects["recall"])}  # defects exist: not None
+    if defects["precision"] is not None:
+        metadata["defect_precision"] = dg.MetadataValue.float(defects["precision"])
+    return metadata
 
 
 # -- real images ---------------------------------------------------------------------------
@@ -262,6 +288,9 @@ class CaptionConfig(dg.Config):
     max_crops: int = P["captions"]["max_crops"]
     max_images: int = P["captions"]["max_images"]
     control_probability: float = P["captions"]["control_probability"]
+    text_only_probability: float = P["captions"].get("text_only_probability", 0.0)
+    stage2_subject: str = P["captions"].get("stage2_subject", "person")  # "any" in a world without people
+    image_format: str = P["captions"].get("image_format", "jpg")
     min_crop_side: int = P["detection"]["min_crop_side"]
     reference_side: int = P["detection"]["reference_side"]
     max_area_fraction: float = P["detection"]["max_area_fraction"]
@@ -307,6 +336,7 @@ def multimodal_captions_stage1(
         control_probability=config.control_probability, control_backends=control_image_models.get(),
         min_side=config.min_crop_side, reference_side=config.reference_side,
         max_area_fraction=config.max_area_fraction, head_probability=config.head_probability,
+        text_only_probability=config.text_only_probability, image_format=config.image_format,
     )
     metadata = _caption_metadata(out, result, storage, f"stage1-{shard}.png")
     metadata["control_kinds"] = dg.MetadataValue.json(result.table["control"].value_counts().to_dict())
@@ -324,6 +354,7 @@ def multimodal_captions_stage2(
     result = steps.caption(
         2, _caption_sources(storage, shard), pd.read_parquet(storage.path("detections", f"{shard}.parquet")), out,
         seed=config.seed, reference_side=config.reference_side, max_area_fraction=config.max_area_fraction,
+        subject=config.stage2_subject, image_format=config.image_format,
     )
     metadata = _caption_metadata(out, result, storage, f"stage2-{shard}.png")
     return dg.MaterializeResult(metadata=metadata, check_results=[_records_check(out, 1, 1)])

@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import os
-
 import dagster as dg
 
 from .automation import new_source_files, prompts_job, real_images_job, weekly_prompts_schedule
 from .data_assets import DATA_ASSETS
 from .eval_assets import EVAL_ASSETS
-from .profiles import resources_for
+from .profiles import current_profile, get_profile
 from .training_assets import TRAINING_ASSETS
 
 
 def build_definitions(profile: str | None = None, resources: dict | None = None) -> dg.Definitions:
-    profile = profile or os.environ.get("MUMU_PROFILE", "paper")
+    chosen = get_profile(profile or current_profile())
     return dg.Definitions(
-        assets=[*DATA_ASSETS, *TRAINING_ASSETS, *EVAL_ASSETS],
+        assets=[*chosen.pretrained, *DATA_ASSETS, *TRAINING_ASSETS, *EVAL_ASSETS],
         jobs=[prompts_job, real_images_job],
         schedules=[weekly_prompts_schedule],
         sensors=[new_source_files],
-        resources={**resources_for(profile), **(resources or {})},
+        resources={**chosen.resources, **(resources or {})},
     )
 
 

@@ -8,9 +8,16 @@ import dagster as dg
 import pandas as pd
 
 from .metadata import preview
-from .params import REPO_ROOT
+from .params import REPO_ROOT, params
 from .resources import DatasetStorage
 from .training_assets import stage1_model, stage2_model
+
+# Defaults from params.yaml's `evaluation` group (a profile's params file sets its own, e.g. the
+# toy world's colour suite with the text-only ablation); the paper's protocol where it has none.
+E = params(group="evaluation") or {}
+BUILTIN_SUITES = [str(p.relative_to(REPO_ROOT)) for p in sorted((REPO_ROOT / "eval" / "suites").glob("*.yaml"))]
+# Surfaced on their own in the asset's metadata: the toy world's proof that the images matter.
+COLOUR_METRICS = ("colour_match", "colour_match_text_only", "colour_chance")
 
 
 class EvalModelsResource(dg.ConfigurableResource):
@@ -31,16 +38,19 @@ class EvalModelsResource(dg.ConfigurableResource):
 
 
 class EvaluationConfig(dg.Config):
-    pipeline: str = "runs/stage2/pipeline"  # the stage-2 output; set to runs/stage1/pipeline for stage 1
-    suites: list[str] = [str(p.relative_to(REPO_ROOT)) for p in sorted((REPO_ROOT / "eval" / "suites").glob("*.yaml"))]
-    steps: int = 50  # paper: 50 DDIM steps, guidance 6, no negative prompt
-    guidance: float = 6.0
-    seeds: list[int] = [0, 1]
-    resolution: int | None = None
-    tracking_uri: str | None = None
+    # The stage-2 output; set to runs/stage1/pipeline for stage 1.
+    pipeline: str = E.get("pipeline", "runs/stage2/pipeline")
+    suites: list[str] = E.get("suites") or BUILTIN_SUITES  # null in params: every built-in suite
+    steps: int = E.get("steps", 50)  # paper: 50 DDIM steps, guidance 6, no negative prompt
+    guidance: float = E.get("guidance", 6.0)
+    seeds: list[int] = E.get("seeds", [0, 1])
+    resolution: int | None = E.get("resolution", None)
+    tracking_uri: str | None = E.get("tracking_uri", None)  # None: $MLFLOW_TRACKING_URI, else beside the output
+    # Also generate each prompt with its images removed and score it apart (`_text_only` metrics).
+    text_only_ablation: bool = E.get("text_only_ablation", False)
 
 
-@dg.asset(group_name="evaluation", deps=[stage1_model, stage2_model], kinds={"mlflow"})
+@dg.asset(group_name="evaluation", deps=[stage1_model, stage2_model, dg.AssetKey("scorer_model")], kinds={"mlflow"})
 def evaluation(
     context: dg.AssetExecutionContext, config: EvaluationConfig, storage: DatasetStorage,
     eval_models: EvalModelsResource,
@@ -54,6 +64,7 @@ def evaluation(
         config.pipeline, [Path(s) for s in config.suites], models=eval_models.models(), steps=config.steps,
         guidance=config.guidance, seeds=tuple(config.seeds), out_dir=out_dir, resolution=config.resolution,
         tracking_uri=config.tracking_uri, run_name=f"eval-{context.run_id[:8]}",
+        text_only_ablation=config.text_only_ablation,
     )
     summary = pd.DataFrame(result.suites).T
     summary.loc["aggregate"] = pd.Series(result.aggregate)
@@ -72,6 +83,9 @@ def evaluation(
     for name, value in result.aggregate.items():
         if isinstance(value, (int, float)):
             metadata[f"aggregate/{name}"] = dg.MetadataValue.float(float(value))
+    for name in COLOUR_METRICS:
+        if name in result.aggregate:
+            metadata[name] = dg.MetadataValue.float(float(result.aggregate[name]))
     return dg.MaterializeResult(metadata=metadata)
 
 

@@ -28,7 +28,10 @@ def _load(path: str) -> dict:
     return loaded
 
 
-def params(section: str | None = None, group: str = "data") -> dict:
-    """A top-level group of params.yaml (`data`, `training`), or one of its subsections."""
+def params(section: str | None = None, group: str = "data"):
+    """A top-level group of params.yaml (`data`, `training`, ...), or one of its subsections;
+    a scalar group (`profile`) as it is."""
     data = _load(str(params_path())).get(group, {})
+    if not isinstance(data, dict):
+        return data
     return dict(data if section is None else data.get(section, {}))

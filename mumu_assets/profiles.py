@@ -1,6 +1,15 @@
-"""Profiles: the same asset graph, different backends. Choose with MUMU_PROFILE."""
+"""Profiles: the same asset graph, different backends.
+
+The profile is $MUMU_PROFILE, else the `profile` of the params file (params.yaml: `toy`, the
+embedded default; params.paper.yaml: `paper`). A profile gives the resources every asset uses
+and the assets of the `pretrained` group (hub checkpoints in `paper`, trained by the graph in
+`toy`).
+"""
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import dagster as dg
 
@@ -9,6 +18,8 @@ from .resources import (
     ScorerBackend, SynthesisBackend,
 )
 from .eval_assets import EvalModelsResource
+from .params import params
+from .pretrained_assets import PAPER_PRETRAINED, TOY_PRETRAINED
 from .training_assets import TrainingCluster
 
 PAPER = {
@@ -36,10 +47,46 @@ PAPER = {
     ),
 }
 
-PROFILES = {"paper": PAPER}
+
+def toy_resources(root: str = "data") -> dict:
+    """The toy world (SPEC §7): a renderer for SDXL, its known boxes for GroundingDINO, and a CLIP
+    trained by the graph (under `root`/models) for PickScore and the evaluation's CLIP."""
+    scorer = f"{root}/models/scorer"
+    return {
+        "storage": DatasetStorage(root=root),
+        "content_style_backend": ContentStyleBackend(backend="rules"),
+        "synthesis_backend": SynthesisBackend(backend="toy", defect_probability=0.1),
+        "scorer_backend": ScorerBackend(model=scorer, device="cpu"),
+        "detector_backend": DetectorBackend(backend="annotations", annotations=f"{root}/synthetic/images"),
+        "real_image_models": RealImageModels(),  # no photographs in this world
+        "control_image_models": ControlImageModels(),  # canny only
+        "training_cluster": TrainingCluster(nnodes=1, nproc_per_node=1),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
+        "eval_models": EvalModelsResource(clip=scorer, pickscore=scorer, face=None),
+    }
+
+
+@dataclass(frozen=True)
+class Profile:
+    resources: dict
+    pretrained: list  # the assets (or external specs) with keys scorer_model and vae_model
+
+
+PROFILES = {
+    "paper": Profile(PAPER, PAPER_PRETRAINED),
+    "toy": Profile(toy_resources(), TOY_PRETRAINED),
+}
+
+
+def current_profile() -> str:
+    return os.environ.get("MUMU_PROFILE") or params(group="profile") or "toy"
+
+
+def get_profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise ValueError(f"unknown MUMU_PROFILE {name!r}; choose from {sorted(PROFILES)}")
+    return PROFILES[name]
 
 
 def resources_for(profile: str) -> dict:
-    if profile not in PROFILES:
-        raise ValueError(f"unknown MUMU_PROFILE {profile!r}; choose from {sorted(PROFILES)}")
-    return dict(PROFILES[profile])
+    return dict(get_profile(profile).resources)

@@ -81,13 +81,27 @@ class ContentStyleBackend(_CachedBackend):
 
 
 class SynthesisBackend(dg.ConfigurableResource):
-    """Text-to-image for the synthetic half of the data (paper: SDXL base)."""
+    """Text-to-image for the synthetic half of the data: `sdxl` (paper: SDXL base, `model` a
+    hub id or folder) or `toy` (the procedural renderer of the toy world, SPEC §7, which also
+    reports its boxes and makes `defect_probability` of its images wrong on purpose)."""
 
-    model: str
+    backend: str = "sdxl"
+    model: str | None = None
     device: str = "auto"
     dtype: str = "float32"
+    defect_probability: float = 0.1
 
     def build_synthesizer(self, height: int, width: int, steps: int, guidance: float, batch_size: int):
+        if self.backend == "toy":
+            from mumu_model.toy.world import ToyRenderer
+
+            if height != width:
+                raise ValueError(f"the toy renderer draws square images; got {width}x{height}")
+            return ToyRenderer(size=height, defect_probability=self.defect_probability)
+        if self.backend != "sdxl":
+            raise ValueError(f"unknown synthesis backend {self.backend!r}; use sdxl or toy")
+        if not self.model:
+            raise ValueError("synthesis backend 'sdxl' needs `model` (a path or hub id)")
         from mumu_model.data.synthesis import SDXLSynthesizer
 
         return SDXLSynthesizer(
@@ -110,17 +124,49 @@ class ScorerBackend(_CachedBackend):
 
 
 class DetectorBackend(dg.ConfigurableResource):
-    """Open-vocabulary detection of caption phrases (GroundingDINO through transformers)."""
+    """Boxes of caption phrases: `grounding_dino` (open-vocabulary detection through
+    transformers, `model` a hub id or folder) or `annotations` (the boxes a renderer knows,
+    read from the synthesis manifests `*.parquet` in the `annotations` folder)."""
 
-    model: str
+    backend: str = "grounding_dino"
+    model: str | None = None
+    annotations: str | None = None
     device: str = "auto"
 
     def build_detector(self, box_threshold: float, text_threshold: float):
-        from mumu_model.data.detection import GroundingDinoDetector
+        from mumu_model.data.detection import AnnotationsDetector, GroundingDinoDetector
 
+        if self.backend == "annotations":
+            if not self.annotations:
+                raise ValueError("detector backend 'annotations' needs `annotations` (the synthesis manifests' folder)")
+            return AnnotationsDetector(_boxes_by_key(Path(self.annotations)))
+        if self.backend != "grounding_dino":
+            raise ValueError(f"unknown detector backend {self.backend!r}; use grounding_dino or annotations")
+        if not self.model:
+            raise ValueError("detector backend 'grounding_dino' needs `model` (a path or hub id)")
         return GroundingDinoDetector(
             self.model, box_threshold=box_threshold, text_threshold=text_threshold, device=_device(self.device)
         )
+
+
+def _boxes_by_key(folder: Path) -> dict[str, list[tuple[str, list[float]]]]:
+    """`{pair_id: [(shape, box), ...]}` from the manifests the synthesis step writes beside its shards."""
+    import json
+
+    import pandas as pd
+
+    manifests = sorted(folder.glob("*.parquet"))
+    if not manifests:
+        raise FileNotFoundError(f"no synthesis manifests (*.parquet) in {folder}: materialize synthetic_images first")
+    boxes: dict[str, list[tuple[str, list[float]]]] = {}
+    for manifest in manifests:
+        table = pd.read_parquet(manifest, columns=["pair_id", "annotations"])
+        for pair_id, annotations in zip(table["pair_id"], table["annotations"]):
+            if annotations is None:
+                continue
+            objects = json.loads(annotations).get("objects", [])
+            boxes[pair_id] = [(obj["shape"], obj["box"]) for obj in objects]
+    return boxes
 
 
 class RealImageModels(dg.ConfigurableResource):

@@ -101,22 +101,25 @@ def tiny_unet(
     pooled_dim: int = 32,
     *,
     sample_size: int = 32,
-    block_out_channels: tuple[int, int] = (32, 64),
-    transformer_layers_per_block: tuple[int, int] = (1, 2),
+    block_out_channels: tuple[int, ...] = (32, 64),
+    transformer_layers_per_block: tuple[int, ...] | None = None,
 ) -> UNet2DConditionModel:
     """SDXL's UNet layout (text_time added conditioning: pooled text + 6 micro-conditions,
-    linear projections), tiny."""
+    linear projections, no attention in the first block), tiny."""
     time_embed_dim = 8
+    levels = len(block_out_channels)
+    if transformer_layers_per_block is None:
+        transformer_layers_per_block = (1,) * (levels - 1) + (2,)
     return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
-        block_out_channels=block_out_channels,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        transformer_layers_per_block=transformer_layers_per_block,
+        block_out_channels=tuple(block_out_channels),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        attention_head_dim=tuple(max(2, c // 16) for c in block_out_channels),
+        transformer_layers_per_block=tuple(transformer_layers_per_block),
         cross_attention_dim=cross_attention_dim,
         addition_embed_type="text_time",
         addition_time_embed_dim=time_embed_dim,
@@ -170,12 +173,16 @@ def build_pipeline(config: ModelConfig) -> MUMUPipeline:
         encoder = MUMUEncoder.from_pretrained(config.encoder, dtype=dtype)
         processor = configure_processor(Idefics2Processor.from_pretrained(config.encoder), config.image_size)
     if config.sdxl is None:
-        unet, vae = tiny_unet(), tiny_vae()
-        scheduler = DDIMScheduler(**SDXL_SCHEDULE)
+        vae_scale = 2  # the tiny VAE's two blocks (a trained toy VAE has the same layout)
+        unet = tiny_unet(sample_size=config.resolution // vae_scale, block_out_channels=config.unet_channels)
+        vae = tiny_vae(sample_size=config.resolution)
+        scheduler = DDIMScheduler(**{**SDXL_SCHEDULE, "beta_schedule": config.noise_schedule})
     else:
         unet = UNet2DConditionModel.from_pretrained(config.sdxl, subfolder="unet", torch_dtype=dtype)
         vae = AutoencoderKL.from_pretrained(config.sdxl, subfolder="vae", torch_dtype=dtype)
         scheduler = DDIMScheduler.from_pretrained(config.sdxl, subfolder="scheduler")
+    if config.vae is not None:
+        vae = AutoencoderKL.from_pretrained(config.vae, torch_dtype=dtype, use_safetensors=True)
     adapter = build_adapter(config, encoder, unet)
     if dtype != torch.float32:  # what was built rather than loaded is still float32
         for module in (encoder, adapter, unet, vae):

@@ -26,6 +26,9 @@ class ModelConfig:
     encoder: str | None
     # SDXL pipeline folder or hub id providing unet/, vae/ and scheduler/. None: tiny SDXL parts.
     sdxl: str | None
+    # A VAE folder or hub id that replaces the SDXL one (e.g. madebyollin/sdxl-vae-fp16-fix, or
+    # the toy profile's VAE trained by the data graph). None: the SDXL folder's, or a tiny one.
+    vae: str | None = None
     # Side of the square each conditioning image is padded and resized to (paper stage 1: 252 px
     # = 18x18 patches = 324 tokens; stage 2: 504 px = 1,296 tokens).
     image_size: int = 252
@@ -35,6 +38,13 @@ class ModelConfig:
     adapter_layers: int = 16
     adapter_width: int = 2048
     adapter_heads: int = 16
+    # Sizes of what is built rather than loaded (sdxl=None): the UNet's block widths (the first
+    # block has no attention, as in SDXL), the side of generated images in pixels, and the
+    # training noise schedule. Small latents need "squaredcos_cap_v2": SDXL's scaled_linear
+    # schedule leaves a 16x16 latent's layout visible at the last timestep.
+    unet_channels: tuple[int, ...] = (32, 64)
+    resolution: int = 64
+    noise_schedule: str = "scaled_linear"
     # "float32", "bfloat16" or "float16": the dtype the parts are loaded or built in.
     dtype: str = "float32"
     seed: int = 0  # initialises whatever is built rather than loaded (the adapter, tiny parts)
@@ -48,6 +58,12 @@ class ModelConfig:
             )
         if self.max_images < 0:
             raise ValueError(f"max_images must be >= 0, got {self.max_images}")
+        if len(self.unet_channels) < 2 or any(c <= 0 or c % 8 for c in self.unet_channels):
+            raise ValueError(f"unet_channels must be >= 2 positive multiples of 8, got {self.unet_channels}")
+        if self.noise_schedule not in ("scaled_linear", "linear", "squaredcos_cap_v2"):
+            raise ValueError(
+                f"noise_schedule must be scaled_linear, linear or squaredcos_cap_v2, got {self.noise_schedule!r}"
+            )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 
@@ -77,6 +93,21 @@ PROFILES: dict[str, ModelConfig] = {
         adapter_heads=4,
         dtype="float32",
     ),
+    # The embedded default (SPEC §7): 32 px renders of coloured shapes, a VAE trained by the data
+    # graph (set `vae`), crops of 28 px = 4 tokens, a 3-layer width-128 adapter, UNet (32, 64, 64).
+    "toy": ModelConfig(
+        encoder=None,
+        sdxl=None,
+        image_size=28,
+        max_images=4,
+        adapter_layers=3,
+        adapter_width=128,
+        adapter_heads=4,
+        unet_channels=(32, 64, 64),
+        resolution=32,
+        noise_schedule="squaredcos_cap_v2",
+        dtype="float32",
+    ),
 }
 
 
@@ -88,6 +119,11 @@ def _parse_value(name: str, raw: str, annotation: str):
     for kind in allowed:
         if kind is type(None):
             continue
+        if typing.get_origin(kind) is tuple:  # "32,64,64" or "[32, 64, 64]"
+            try:
+                return tuple(int(v) for v in raw.strip("[]()").split(","))
+            except ValueError:
+                continue
         try:
             return kind(raw)
         except ValueError:
@@ -127,4 +163,6 @@ def load_model_config(
             raise ValueError(f"unknown config field {name!r}; fields are {sorted(fields)}")
         if isinstance(value, str):
             values[name] = _parse_value(name, value, str(fields[name].type))
+        elif isinstance(value, list):  # a YAML list for a tuple field
+            values[name] = tuple(value)
     return dataclasses.replace(PROFILES[profile], **values)

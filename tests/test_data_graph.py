@@ -138,11 +138,12 @@ def test_data_graph_end_to_end(models, photos, tmp_path):
     assert dvc_hash(data_root) == before
 
 
-def test_definitions_load_with_every_asset_and_check():
-    repository = build_definitions("paper").get_repository_def()
+@pytest.mark.parametrize("profile", ["paper", "toy"])
+def test_definitions_load_with_every_asset_and_check(profile):
+    repository = build_definitions(profile).get_repository_def()
     keys = {key.to_user_string() for key in repository.asset_graph.get_all_asset_keys()}
     assert keys == {
-        "raw_prompts", "content_style", "synthetic_images", "pickscore_scores", "filtered_synthetic",
+        "scorer_model", "vae_model", "raw_prompts", "content_style", "synthetic_images", "pickscore_scores", "filtered_synthetic",
         "real_images", "detections", "multimodal_captions_stage1", "multimodal_captions_stage2",
         "stage1_model", "stage2_model", "evaluation",
     }

@@ -24,9 +24,12 @@ def _run(args, cwd, env):
 def project(tmp_path):
     """A copy of the project's DVC files (and the files its stages depend on) in a new git repo."""
     root = tmp_path / "project"
-    for relative in ("dvc.yaml", "params.yaml", "examples/prompts/diffusiondb_sample.csv"):
-        (root / relative).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(REPO / relative, root / relative)
+    # The paper profile's parameters (the prompt stages need no model there: rule-based split).
+    copies = {"dvc.yaml": "dvc.yaml", "params.paper.yaml": "params.yaml",
+              "examples/prompts/diffusiondb_sample.csv": "examples/prompts/diffusiondb_sample.csv"}
+    for source, target in copies.items():
+        (root / target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / source, root / target)
     # The stages depend on the code too; link it (a copy would shadow the installed package).
     for package in ("mumu_model", "mumu_assets"):
         (root / package).symlink_to(REPO / package)

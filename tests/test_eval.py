@@ -10,16 +10,20 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from eval.faces import ArcFaceEmbedder, face_similarity, load_face_embedder
-from eval.metrics import ClipEmbedder, DinoEmbedder, clip_i, clip_t, dino_score, multimodal_clip_score
+from eval.metrics import (
+    ClipEmbedder, DinoEmbedder, clip_i, clip_t, colour_chance, colour_probe, dino_score, multimodal_clip_score,
+)
 from eval.run import EvalModels, PipelineFolderError, check_pipeline_folder, evaluate
 from eval.suites import SuiteError, builtin_suites, load_entry, load_suite
 from mumu_model.data.detection import AnnotationsDetector
 from mumu_model.data.tiny_models import tiny_clip, tiny_dino, tiny_grounding_dino, tiny_sdxl_pipeline
+from mumu_model.toy.world import PALETTE
 
 
 
@@ -325,3 +329,124 @@ def test_evaluate_a_loaded_pipeline_into_an_existing_mlflow_run(pipe, clip_dir, 
     assert result.run_id == training_run and run.info.status == "RUNNING"  # left to its owner to end
     assert run.data.params["steps"] == "1000" and run.data.params["eval.steps"] == "1"  # no collision
     assert run.data.metrics["small/clip_t"] == pytest.approx(result.suites["small"]["clip_t"])
+
+
+# -- the toy world's colour probe (SPEC §7) ------------------------------------------------
+
+GREY = (128, 128, 128)
+
+
+def disc(colour: str, size: int = 32, background=GREY) -> Image.Image:
+    image = Image.new("RGB", (size, size), background)
+    ImageDraw.Draw(image).ellipse((8, 8, 24, 24), fill=PALETTE[colour])
+    return image
+
+
+def grey_noise(seed: int = 0, size: int = 32) -> Image.Image:
+    # Low-saturation noise: pixels wander around grey, never into a palette colour in a 2x2 patch.
+    rng = np.random.default_rng(seed)
+    level = rng.integers(90, 170, (size, size, 1))
+    return Image.fromarray(np.repeat(level, 3, axis=2).astype(np.uint8))
+
+
+def colour_suite(root: Path) -> Path:
+    images = root / "images"
+    images.mkdir(parents=True)
+    disc("red").save(images / "red.png")
+    disc("blue").save(images / "blue.png")
+    path = root / "colours.yaml"
+    path.write_text(
+        "name: colours\nversion: 1\nentries:\n"
+        "  - id: one\n    prompt: 'a <img:red.png> circle, dotted style'\n"
+        "    objects: [{image: red.png, phrase: circle, colour: red}]\n    references: [red.png]\n"
+        "  - id: two\n    prompt: 'a <img:red.png> circle and a <img:blue.png> circle'\n"
+        "    objects: [{image: red.png, phrase: circle, colour: red}, {image: blue.png, phrase: circle, colour: blue}]\n"
+        "  - id: words\n    prompt: 'a circle'\n"
+    )
+    return path
+
+
+def test_colour_entries_parse_and_unknown_colours_are_entry_errors(tmp_path):
+    path = colour_suite(tmp_path)
+    with path.open("a") as handle:
+        handle.write(
+            "  - id: mauve\n    prompt: 'a <img:red.png> circle'\n"
+            "    objects: [{image: red.png, phrase: circle, colour: mauve}]\n"
+            "  - id: listed\n    prompt: 'a <img:red.png> circle'\n"
+            "    objects: [{image: red.png, phrase: circle, colour: [red]}]\n"
+        )
+    suite = load_suite(path)
+    assert [e.id for e in suite.entries] == ["one", "two", "words"]
+    assert [o.colour for o in suite.entries[1].objects] == ["red", "blue"]
+    assert [e.entry for e in suite.errors] == ["mauve", "listed"]
+    assert "unknown colour 'mauve'" in str(suite.errors[0]) and str(suite.errors[0]).startswith("colours/mauve:")
+    loaded = [load_entry(suite, e, max_images=4) for e in suite.entries]
+    assert [e.colours for e in loaded] == [["red"], ["red", "blue"], []]
+
+
+def test_colour_probe_on_drawn_images():
+    assert colour_probe(disc("red"), ["red"]).match == 1.0
+    assert colour_probe(disc("red"), ["red"]).found == "red"
+    assert colour_probe(disc("red"), ["blue"]).match == 0.0
+    noise = colour_probe(grey_noise(), ["red"])
+    assert (noise.match, noise.found) == (0.0, "")
+
+    # Several objects: the fraction of their colours that cover the image.
+    both = disc("red", size=64)
+    ImageDraw.Draw(both).rectangle((44, 44, 52, 52), fill=PALETTE["blue"])  # smaller than the disc
+    assert colour_probe(both, ["red", "blue"]).match == 1.0
+    assert colour_probe(both, ["red", "green"]).match == 0.5
+    assert colour_probe(both, ["red", "blue"]).found == "red,blue"  # most patches first
+    assert colour_probe(grey_noise(1), ["red", "blue"]).match == 0.0
+    assert colour_chance() == pytest.approx(1 / 8)
+
+
+# -- the text-only ablation, end to end ----------------------------------------------------
+
+
+def test_evaluate_with_text_only_ablation(tiny_pipeline_dir, clip_dir, tracking_uri, tmp_path):
+    from mlflow import MlflowClient
+
+    uri = tracking_uri
+    result = evaluate(
+        tiny_pipeline_dir, [colour_suite(tmp_path / "suite")], models=EvalModels(clip=clip_dir, face=None),
+        steps=1, seeds=(0, 1), out_dir=tmp_path / "out", tracking_uri=uri, text_only_ablation=True,
+    )
+    assert not result.errors
+    rows = result.rows
+    # one and two have images: 2 seeds x (multimodal + ablation); words is text-only: no ablation.
+    counts = rows.groupby(["entry", "variant"]).size().to_dict()
+    assert counts == {("one", "multimodal"): 2, ("one", "text_only"): 2, ("two", "multimodal"): 2,
+                      ("two", "text_only"): 2, ("words", "multimodal"): 2}
+    ablation = rows[rows.variant == "text_only"]
+    assert set(ablation.prompt) == {"a circle, dotted style", "a circle and a circle"}  # what MUMU was given
+    coloured = rows[rows.entry != "words"]
+    assert coloured.colour_match.between(0, 1).all() and rows[rows.entry == "words"].colour_match.isna().all()
+    assert coloured.clip_i[coloured.entry == "one"].notna().all()  # the ablation is scored like the rest
+    assert all((tmp_path / "out" / p).is_file() for p in rows.image)
+    assert (tmp_path / "out" / "images_text_only/colours/one/seed1.png").is_file()
+
+    metrics = result.suites["colours"]
+    assert 0.0 <= metrics["colour_match"] <= 1.0 and 0.0 <= metrics["colour_match_text_only"] <= 1.0
+    assert -1.0 <= metrics["clip_i_text_only"] <= 1.0  # a cosine
+    assert metrics["colour_chance"] == pytest.approx(1 / 8)
+    assert (metrics["images"], metrics["images_text_only"]) == (6, 4)
+    assert "clip_t_text_only" not in metrics  # that name is text adherence's (with SDXL), not the ablation's
+    expected = coloured[coloured.variant == "text_only"].colour_match.mean()
+    assert metrics["colour_match_text_only"] == pytest.approx(expected)
+    assert result.aggregate["colour_match_text_only"] == metrics["colour_match_text_only"]
+    assert result.aggregate["images_text_only"] == 4 and result.aggregate["images"] == 6
+
+    # Files: the string column survives rows.csv; the grid has the ablation beside the outputs.
+    table = pd.read_csv(tmp_path / "out" / "rows.csv", keep_default_na=False)
+    assert all(set(found.split(",")) <= set(PALETTE) for found in table.colour_found if found)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["suites"]["colours"]["colour_chance"] == pytest.approx(1 / 8)
+    with Image.open(tmp_path / "out" / "grids" / "colours.png") as grid:
+        assert grid.width == (2 + 1 + 2 + 1 + 2) * 128  # inputs, gap, outputs, gap, ablation
+
+    run = MlflowClient(tracking_uri=uri).get_run(result.run_id)
+    for name in ("colours/colour_match", "colours/colour_match_text_only", "colours/colour_chance",
+                 "aggregate/colour_match_text_only"):
+        assert run.data.metrics[name] == pytest.approx(result.metrics()[name]), name
+    assert run.data.params["text_only_ablation"] == "True"

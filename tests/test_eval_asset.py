@@ -1,9 +1,14 @@
 """The evaluation asset materialized in-process on a tiny pipeline with tiny metric models."""
 
+import importlib
 from pathlib import Path
 
 import dagster as dg
+import pytest
+import yaml
+from PIL import Image
 
+from mumu_assets import eval_assets
 from mumu_assets.eval_assets import EvalModelsResource, evaluation
 from mumu_assets.resources import DatasetStorage
 from mumu_model.data.tiny_models import tiny_clip, tiny_dino, tiny_grounding_dino
@@ -12,14 +17,20 @@ from mumu_model.testing import tiny_pipeline
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_evaluation_asset_reports_summary_and_grid(tmp_path):
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory):
+    # One database for the module: MLflow spends seconds creating (migrating) a new one.
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def test_evaluation_asset_reports_summary_and_grid(tmp_path, tracking_uri):
     pipeline = tiny_pipeline(tmp_path / "pipeline")
     models = EvalModelsResource(
         clip=str(tiny_clip(tmp_path / "clip")), dino=str(tiny_dino(tmp_path / "dino")),
         detector=str(tiny_grounding_dino(tmp_path / "gdino", ["dog", "cat", "man", "woman"])), face=None,
     )
     config = {"pipeline": str(pipeline), "suites": [str(REPO / "eval" / "suites" / "single_subject.yaml")],
-              "steps": 2, "seeds": [0], "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+              "steps": 2, "seeds": [0], "tracking_uri": tracking_uri}
     result = dg.materialize(
         [evaluation],
         resources={"storage": DatasetStorage(root=str(tmp_path / "data")), "eval_models": models},
@@ -34,3 +45,48 @@ def test_evaluation_asset_reports_summary_and_grid(tmp_path):
     assert Path(metadata["grid"]).is_file()
     assert metadata["mlflow_run_id"]
     assert 0.0 <= metadata["aggregate/clip_t"] + 1.0 <= 2.0  # a cosine
+
+
+def _reload_with_params(monkeypatch, path: Path, values: dict):
+    # EvaluationConfig reads params.yaml when the module is imported, as Dagster needs defaults.
+    path.write_text(yaml.safe_dump(values))
+    monkeypatch.setenv("MUMU_PARAMS", str(path))
+    return importlib.reload(eval_assets)
+
+
+def test_evaluation_defaults_come_from_params_and_colour_metrics_surface(tiny_pipeline_dir, tmp_path, tracking_uri,
+                                                                         monkeypatch):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (16, 16), (220, 30, 30)).save(tmp_path / "images" / "red.png")
+    suite = tmp_path / "colours.yaml"
+    suite.write_text("name: colours\nversion: 1\nentries:\n  - id: one\n    prompt: 'a <img:red.png> circle'\n"
+                     "    objects: [{image: red.png, phrase: circle, colour: red}]\n")
+    try:
+        # No `evaluation` group: the paper's protocol.
+        module = _reload_with_params(monkeypatch, tmp_path / "none.yaml", {"data": {}})
+        config = module.EvaluationConfig()
+        assert (config.steps, config.guidance, config.seeds, config.text_only_ablation) == (50, 6.0, [0, 1], False)
+        assert config.suites == module.BUILTIN_SUITES and config.pipeline == "runs/stage2/pipeline"
+
+        # A profile's group (the toy world's shape, fewer steps): the defaults, ablation on.
+        evaluation_params = {"pipeline": str(tiny_pipeline_dir), "suites": [str(suite)], "steps": 1, "guidance": 4.0,
+                             "seeds": [0], "resolution": None, "text_only_ablation": True}
+        module = _reload_with_params(monkeypatch, tmp_path / "toy.yaml", {"evaluation": evaluation_params})
+        config = module.EvaluationConfig()
+        assert (config.steps, config.guidance, config.suites, config.text_only_ablation) == (1, 4.0, [str(suite)], True)
+        result = dg.materialize(
+            [module.evaluation],
+            resources={"storage": DatasetStorage(root=str(tmp_path / "data")),
+                       "eval_models": module.EvalModelsResource(face=None)},
+            run_config={"ops": {"evaluation": {"config": {"tracking_uri": tracking_uri}}}},
+        )
+    finally:
+        monkeypatch.undo()
+        importlib.reload(eval_assets)
+    assert result.success
+    [event] = result.get_asset_materialization_events()
+    metadata = {k: v.value for k, v in event.materialization.metadata.items()}
+    for name in ("colour_match", "colour_match_text_only", "colour_chance"):
+        assert isinstance(metadata[name], float) and 0.0 <= metadata[name] <= 1.0, name
+    assert metadata["colour_chance"] == pytest.approx(1 / 8)
+    assert "colour_match_text_only" in metadata["summary"]

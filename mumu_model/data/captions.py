@@ -289,6 +289,7 @@ def stage1_record(
     reference_side: int = 1024,
     max_area_fraction: float = 0.75,
     head_probability: float = 0.7,
+    text_only_probability: float = 0.0,
     skipped: Skipped | None = None,
 ) -> CaptionRecord | None:
     """A stage-1 record from the detector's raw output for this image and caption.
@@ -301,7 +302,13 @@ def stage1_record(
     left still gives a record (text-only examples teach the model to draw from text alone,
     SPEC §7), with `meta["no_crops"]`. None (counted in `skipped`) for a bad image or an
     empty caption. Random draws come from `rng`, in a fixed order: the control decision and
-    kind first, so they depend on the key alone, then one draw per person with a head.
+    kind first, so they depend on the key alone, then (only if `text_only_probability` > 0)
+    whether this record keeps its crops at all, then one draw per person with a head.
+
+    `text_only_probability` (default 0, the paper's rule) drops every crop of a record on
+    purpose. Real captions often have no usable box, so real data has text-only records; a
+    world where every object is found (the toy renderer's boxes) needs them made, or the model
+    never learns to draw from text alone and a text-only ablation falls below chance (SPEC §7).
     """
     skipped = skipped if skipped is not None else Skipped()
     detections = _check_inputs(key, image, caption, detections, skipped)
@@ -314,6 +321,8 @@ def stage1_record(
     kinds = sorted(backends)
     use_control = rng.random() < control_probability and max_images >= 1
     kind = kinds[min(int(rng.random() * len(kinds)), len(kinds) - 1)]
+    text_only = text_only_probability > 0 and rng.random() < text_only_probability
+    use_control = use_control and not text_only
 
     kept = filter_detections(
         detections,
@@ -339,7 +348,7 @@ def stage1_record(
             skipped.add("control_failed", key, f"{kind}: {type(err).__name__}: {err}")
             control_image = None
 
-    limit = max(0, min(max_crops, max_images - (control_image is not None)))
+    limit = 0 if text_only else max(0, min(max_crops, max_images - (control_image is not None)))
     best = sorted(chosen, key=lambda d: (-d.score, d.phrase.start))[:limit]
     inserts, images, crops_meta = _cut_crops(key, target, best, crop_size, skipped)
 
@@ -370,6 +379,7 @@ def stage2_record(
     reference_side: int = 1024,
     max_area_fraction: float = 0.75,
     crop_size: int | None = None,
+    subject: str = "person",
     skipped: Skipped | None = None,
 ) -> CaptionRecord | None:
     """A stage-2 record: ONE high-resolution face or person crop, before the person's word.
@@ -381,7 +391,12 @@ def stage2_record(
     named in the caption before its own word. Without one, the largest person. Among
     equals, the largest box; exact ties are broken by `rng`. None (counted as "no_person")
     when no face or person survives the filter.
+
+    `subject="any"` takes the largest detected object of any kind instead: the rule for a
+    world without people (the toy profile), where stage 2 is one crop at higher resolution.
     """
+    if subject not in ("person", "any"):
+        raise ValueError(f"subject must be 'person' or 'any', got {subject!r}")
     skipped = skipped if skipped is not None else Skipped()
     detections = _check_inputs(key, image, caption, detections, skipped)
     if detections is None:
@@ -407,8 +422,10 @@ def stage2_record(
             owner = max(owners, key=lambda p: box_area(p.box))
             faces.append(Detection(owner.phrase, head.box, head.score, head.label))
     candidates = faces or persons
+    if subject == "any":
+        candidates = [d for d in kept if not d.phrase.auxiliary]
     if not candidates:
-        skipped.add("no_person", key)
+        skipped.add("no_person" if subject == "person" else "no_object", key)
         return None
     largest = max(box_area(d.box) for d in candidates)
     ties = [d for d in candidates if math.isclose(box_area(d.box), largest)]
@@ -421,7 +438,7 @@ def stage2_record(
         "stage": 2,
         "num_crops": 1,
         "crops": crops_meta,
-        "crop_kind": "head" if is_head(chosen) else "person",
+        "crop_kind": "head" if is_head(chosen) else ("person" if is_person(chosen) else "object"),
         "image_size": list(target.size),
     }
     return CaptionRecord(key, insert_crops(caption, inserts), images, target, caption, meta)

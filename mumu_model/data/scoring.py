@@ -147,22 +147,34 @@ class PickScorer:
         return scores
 
 
-def filter_by_score(table: pd.DataFrame, min_score: float) -> tuple[pd.DataFrame, dict]:
+def filter_by_score(table: pd.DataFrame, min_score: float, min_quantile: float = 0.0) -> tuple[pd.DataFrame, dict]:
     """Keep rows with `score >= min_score` (NaN scores are dropped) and describe the cut.
+
+    `min_quantile` > 0 also drops the rows below that quantile of the table's scores: the cut
+    for a scorer whose scale is not calibrated (the toy CLIP) is "the worst 10%", not a number.
 
     Returns the kept rows (original index) and JSON-able stats for asset metadata: rows in and
     out, kept fraction, rows without a score, and score quantiles of the input, so the
-    threshold can be judged against the distribution it cut.
+    threshold can be judged against the distribution it cut. Where the table knows which
+    images are defective (a `defect` column, from a renderer that made them so on purpose),
+    also the filter's precision and recall at rejecting them.
     """
     if "score" not in table.columns:
         raise ValueError(f"table has no 'score' column (columns: {list(table.columns)})")
     if not np.isfinite(min_score):
         raise ValueError(f"min_score must be finite, got {min_score}")
+    if not 0.0 <= min_quantile < 1.0:
+        raise ValueError(f"min_quantile must be in [0, 1), got {min_quantile}")
     scores = pd.to_numeric(table["score"], errors="coerce")
-    kept = table[scores >= min_score]
     present = scores.dropna()
+    threshold = float(min_score)
+    if min_quantile > 0 and len(present):
+        threshold = max(threshold, float(present.quantile(min_quantile)))
+    keep = scores >= threshold
+    kept = table[keep]
     stats = {
         "min_score": float(min_score),
+        "threshold": threshold,
         "rows_in": int(len(table)),
         "rows_out": int(len(kept)),
         "rows_without_score": int(len(table) - len(present)),
@@ -171,4 +183,23 @@ def filter_by_score(table: pd.DataFrame, min_score: float) -> tuple[pd.DataFrame
             {f"q{round(q * 100):02d}": float(present.quantile(q)) for q in QUANTILES} if len(present) else {}
         ),
     }
+    if "defect" in table.columns and table["defect"].notna().any():
+        stats["defects"] = defect_stats(table["defect"], ~keep)
     return kept, stats
+
+
+def defect_stats(defect: pd.Series, rejected: pd.Series) -> dict:
+    """How well a filter rejected the images made wrong on purpose: `defect` is the kind of
+    each image's deliberate defect (None: a good image), `rejected` whether the filter dropped
+    it. Precision is None when nothing was rejected."""
+    defective = defect.notna()
+    caught = int((defective & rejected).sum())
+    return {
+        "images": int(len(defect)),
+        "defective": int(defective.sum()),
+        "rejected": int(rejected.sum()),
+        "caught": caught,
+        "precision": caught / int(rejected.sum()) if rejected.any() else None,
+        "recall": caught / int(defective.sum()) if defective.any() else None,
+        "by_kind": {str(k): int(v) for k, v in defect[defective & rejected].value_counts().items()},
+    }

@@ -7,6 +7,7 @@ model work lives in the backends passed in, all storage in `shards`.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -56,8 +57,24 @@ def iter_images(shard: Path, skipped: Skipped, keys: set[str] | None = None) -> 
             skipped.add("unreadable_sample", key, str(err))
 
 
-def synthesize(pairs: pd.DataFrame, synthesizer, out: Path) -> StepResult:
-    """Text-to-image for each (content, style) pair; one image per pair, seeded by its row."""
+IMAGE_FORMATS = ("jpg", "png")
+
+
+def _image_format(image_format: str) -> str:
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+    return image_format
+
+
+def synthesize(pairs: pd.DataFrame, synthesizer, out: Path, image_format: str = "jpg") -> StepResult:
+    """Text-to-image for each (content, style) pair; one image per pair, seeded by its row.
+
+    A synthesizer that knows what it drew (the toy renderer) adds `row["annotations"]` (boxes,
+    deliberate defects); they are kept in the sample's JSON and, as JSON text, in the manifest.
+    `image_format`: "jpg" for photographs; "png" where JPEG's chroma subsampling would change
+    the colours being learned (32 px renders).
+    """
+    image_format = _image_format(image_format)
     result = StepResult(rows=0)
     manifest = []
 
@@ -65,12 +82,16 @@ def synthesize(pairs: pd.DataFrame, synthesizer, out: Path) -> StepResult:
         for row, image in synthesizer.generate(pairs.to_dict("records"), skipped=result.skipped):
             meta = {k: row[k] for k in ("pair_id", "content", "style", "text", "seed")}
             meta.update(source="synthetic", width=image.width, height=image.height)
-            manifest.append(meta)
-            yield row["pair_id"], {"jpg": encode_image(image, "jpg"), "json": json_bytes(meta)}
+            if row.get("annotations") is not None:
+                meta["annotations"] = row["annotations"]
+            manifest.append({**meta, "annotations": json.dumps(meta["annotations"]) if "annotations" in meta else None})
+            yield row["pair_id"], {image_format: encode_image(image, image_format), "json": json_bytes(meta)}
 
     write_shard(out, samples())
     result.rows = len(manifest)
-    result.table = pd.DataFrame(manifest, columns=["pair_id", "content", "style", "text", "seed", "source", "width", "height"])
+    result.table = pd.DataFrame(
+        manifest, columns=["pair_id", "content", "style", "text", "seed", "source", "width", "height", "annotations"]
+    )
     write_table(result.table, out.with_suffix(".parquet"))
     return result
 
@@ -84,7 +105,8 @@ def score(shard: Path, scorer, out: Path, batch_size: int = 16) -> StepResult:
     def flush() -> None:
         if batch:
             scores = scorer.score([m["text"] for _, _, m in batch], [image for _, image, _ in batch])
-            rows.extend({"key": k, "text": m["text"], "score": float(s)} for (k, _, m), s in zip(batch, scores))
+            rows.extend({"key": k, "text": m["text"], "score": float(s), "defect": _defect(m)}
+                        for (k, _, m), s in zip(batch, scores))
             batch.clear()
 
     for item in iter_images(shard, result.skipped):
@@ -93,16 +115,25 @@ def score(shard: Path, scorer, out: Path, batch_size: int = 16) -> StepResult:
             flush()
     flush()
     result.rows = len(rows)
-    result.table = pd.DataFrame(rows, columns=["key", "text", "score"])
+    result.table = pd.DataFrame(rows, columns=["key", "text", "score", "defect"])
     write_table(result.table, out)
     return result
 
 
-def filter_scores(scores: pd.DataFrame, min_score: float, out: Path) -> tuple[pd.DataFrame, dict]:
-    """Keep the synthetic images at or above `min_score`; the kept keys are the output."""
+def _defect(meta: dict) -> str | None:
+    """The deliberate defect a renderer put in this image (None: none, or not known)."""
+    annotations = meta.get("annotations")
+    return annotations.get("defect") if isinstance(annotations, dict) else None
+
+
+def filter_scores(
+    scores: pd.DataFrame, min_score: float, out: Path, min_quantile: float = 0.0
+) -> tuple[pd.DataFrame, dict]:
+    """Keep the synthetic images at or above `min_score` (and `min_quantile`); the kept keys
+    are the output."""
     from .scoring import filter_by_score
 
-    kept, stats = filter_by_score(scores, min_score)
+    kept, stats = filter_by_score(scores, min_score, min_quantile)
     write_table(kept, out)
     return kept, stats
 
@@ -200,6 +231,7 @@ def caption(
     out: Path,
     *,
     seed: int,
+    image_format: str = "jpg",
     **record_kwargs,
 ) -> StepResult:
     """Multimodal-caption records: crops inserted before their words (stage 1), or one
@@ -207,6 +239,7 @@ def caption(
     from .captions import stage1_record, stage2_record
 
     make_record = {1: stage1_record, 2: stage2_record}[stage]
+    image_format = _image_format(image_format)
     found = detections_by_key(detections)
     result = StepResult(rows=0)
     manifest = []
@@ -227,7 +260,7 @@ def caption(
                                  "num_images": len(record.crops), "control": record.meta.get("control"),
                                  "crop_areas": [_area_fraction(c["box"], record.target.size)
                                                 for c in record.meta.get("crops", [])]})
-                fields = {"jpg": encode_image(record.target, "jpg"), "json": json_bytes(record_meta)}
+                fields = {image_format: encode_image(record.target, image_format), "json": json_bytes(record_meta)}
                 fields.update({name: encode_image(img, name) for name, img in record.crops.items()})
                 yield key, fields
 
@@ -288,8 +321,9 @@ def preview_grid(shard: Path, out: Path, records: int = 4, cell: int = 128) -> i
             break
         try:
             prompt = sample_prompt(sample, key)
-            target = decode_image(sample["jpg"], f"{key}.jpg")
-        except (ShardError, ImageLoadError, KeyError, ValueError):
+            field_name = next(f for f in ("jpg", "png") if f in sample)
+            target = decode_image(sample[field_name], f"{key}.{field_name}")
+        except (ShardError, ImageLoadError, StopIteration, ValueError):
             continue
         rows.append([target, *prompt.images])
     if not rows:

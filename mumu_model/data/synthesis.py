@@ -11,7 +11,6 @@ batch size. A re-run, a resumed run or a run with another batch size gives the s
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -20,6 +19,7 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
 from .report import Skipped
+from .rows import row_id, row_problem
 
 # SDXL base 1.0, the model the paper rendered with.
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -71,9 +71,9 @@ class SDXLSynthesizer:
         skipped = self.skipped if skipped is None else skipped
         batch: list[dict] = []
         for row in rows:
-            problem = _row_problem(row)
+            problem = row_problem(row)
             if problem:
-                skipped.add("bad_row", _row_id(row), problem)
+                skipped.add("bad_row", row_id(row), problem)
                 continue
             batch.append(row)
             if len(batch) == self.batch_size:
@@ -87,7 +87,7 @@ class SDXLSynthesizer:
             arrays = self._render(batch)
         except Exception as err:  # noqa: BLE001 - any failure is retried per row, then counted
             if len(batch) == 1:
-                skipped.add("generation_error", _row_id(batch[0]), f"{type(err).__name__}: {err}")
+                skipped.add("generation_error", row_id(batch[0]), f"{type(err).__name__}: {err}")
                 return
             for row in batch:
                 yield from self._render_batch([row], skipped)
@@ -96,10 +96,10 @@ class SDXLSynthesizer:
             # fp16 VAEs overflow into NaN; a NaN decodes to a black PIL image that would pass
             # for a real one, so check before converting.
             if not np.isfinite(array).all():
-                skipped.add("nonfinite_output", _row_id(row))
+                skipped.add("nonfinite_output", row_id(row))
                 continue
             if array.max() <= 0.0:
-                skipped.add("black_image", _row_id(row))
+                skipped.add("black_image", row_id(row))
                 continue
             yield row, self.pipe.numpy_to_pil(array[None])[0]
 
@@ -118,25 +118,3 @@ class SDXLSynthesizer:
             output_type="np",  # float pixels in [0, 1], NaN kept visible
         )
         return output.images
-
-
-def _row_problem(row: object) -> str:
-    """Why `row` cannot be rendered, or "" if it can."""
-    if not isinstance(row, dict):
-        return f"not a dict ({type(row).__name__})"
-    missing = [key for key in ("pair_id", "text", "seed") if key not in row]
-    if missing:
-        return f"missing {', '.join(missing)}"
-    if not isinstance(row["text"], str) or not row["text"].strip():
-        return "text must be a non-empty string"
-    seed = row["seed"]
-    # numbers.Integral also admits numpy integers (rows from pandas); bool is no seed.
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        return f"seed must be an integer, got {seed!r}"
-    if not 0 <= int(seed) < 2**64:
-        return f"seed out of range: {seed}"
-    return ""
-
-
-def _row_id(row: object) -> str:
-    return str(row.get("pair_id", "?")) if isinstance(row, dict) else "?"

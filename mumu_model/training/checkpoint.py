@@ -2,6 +2,7 @@
 
     output_dir/checkpoints/step-00001000/
         model.safetensors      the trainable weights (full tensors, plain parameter names)
+        ema.safetensors        their exponential moving average, same names (only with EMA on)
         optimizer.safetensors  AdamW's per-parameter tensors, "<param name>.<exp_avg|...>"
         optimizer.json         AdamW's param groups (named per module) and non-tensor state
         rng.safetensors        per rank: torch CPU (and CUDA) generator states, the noise generator
@@ -35,6 +36,7 @@ from ..atomic import atomic_dir
 
 CHECKPOINT_NAME = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "state.json"  # written last: its presence marks a complete checkpoint
+EMA_FILE = "ema.safetensors"
 FORMAT = "mumu-train-checkpoint/1"
 
 
@@ -133,6 +135,7 @@ class Checkpoint:
     optimizer: dict
     state: dict  # state.json
     rank_states: list[tuple[dict, dict[str, torch.Tensor]]]  # per rank: (JSON part, tensors)
+    ema: dict[str, torch.Tensor] | None = None  # EMA of the trainable weights, if the run had one
 
 
 class CheckpointManager:
@@ -183,12 +186,15 @@ class CheckpointManager:
         optimizer: dict,
         state: dict,
         rank_blobs: list[bytes],
+        ema: dict[str, torch.Tensor] | None = None,
     ) -> Path:
         """Write `step-N/` atomically (rank 0 only), then apply `total_limit`."""
         path = self.root / checkpoint_name(step)
         metadata = {"format": FORMAT, "step": str(step)}
         with atomic_dir(path) as tmp:
             save_file({k: v.contiguous() for k, v in model.items()}, tmp / "model.safetensors", metadata=metadata)
+            if ema is not None:
+                save_file({k: v.contiguous() for k, v in ema.items()}, tmp / EMA_FILE, metadata=metadata)
             optimizer_tensors, optimizer_meta = flatten_optimizer(optimizer)
             save_file(optimizer_tensors, tmp / "optimizer.safetensors", metadata=metadata)
             (tmp / "optimizer.json").write_text(json.dumps(optimizer_meta, indent=1))
@@ -224,17 +230,26 @@ class CheckpointManager:
         optimizer = unflatten_optimizer(load_file(path / "optimizer.safetensors"),
                                         json.loads((path / "optimizer.json").read_text()))
         rng = load_file(path / "rng.safetensors")
+        ema = load_file(path / EMA_FILE) if (path / EMA_FILE).is_file() else None
         rank_states = []
         for rank, meta in enumerate(state["ranks"]):
             prefix = f"rank{rank}."
             tensors = {k[len(prefix):]: v for k, v in rng.items() if k.startswith(prefix)}
             rank_states.append((meta, tensors))
         return Checkpoint(path=path, step=int(state["step"]), model=model, optimizer=optimizer,
-                          state=state, rank_states=rank_states)
+                          state=state, rank_states=rank_states, ema=ema)
 
     @staticmethod
-    def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-        """Only the trainable weights and state.json (to start stage 2 from a stage-1 checkpoint)."""
+    def load_weights(path: str | Path, ema: bool | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+        """Only the trainable weights and state.json (to export, or start stage 2 from stage 1).
+
+        ema=None: the EMA weights if the checkpoint has them (the run's model), else the raw ones;
+        True: the EMA weights (an error if there are none); False: the raw last-step weights.
+        """
         path = Path(path)
         state = json.loads((path / STATE_FILE).read_text())
-        return load_file(path / "model.safetensors"), state
+        has_ema = (path / EMA_FILE).is_file()
+        if ema and not has_ema:
+            raise ValueError(f"checkpoint {path}: no {EMA_FILE} (the run trained without EMA)")
+        use_ema = has_ema if ema is None else ema
+        return load_file(path / (EMA_FILE if use_ema else "model.safetensors")), state

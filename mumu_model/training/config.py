@@ -80,6 +80,12 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
+    # EMA of the trainable weights, in [0, 1); 0 disables. Validation images and the exported
+    # pipeline use the EMA weights; checkpoints keep both. It averages over about
+    # 1 / (1 - ema_decay) steps (1,000 at 0.999), with diffusers' EMAModel warm-up (decay at
+    # step t = min(ema_decay, (1 + t) / (10 + t))) so short runs do not keep the initial weights.
+    # A toy run (SPEC §7) sampled far better from EMA 0.999 weights: 80% vs 51% colour match.
+    ema_decay: float = 0.0
     mixed_precision: str = "no"  # "bf16": autocast + FSDP bf16 params on GPU only; "no": fp32
     activation_checkpointing: bool = False
     seed: int = 0
@@ -138,6 +144,8 @@ class TrainConfig:
         for name in ("conditioning_dropout", "augment_probability", "min_lr_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 fail(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            fail(f"ema_decay must be in [0, 1) (0 disables EMA), got {self.ema_decay}")
         if self.lr_schedule not in ("constant", "cosine"):
             fail(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.mixed_precision not in ("no", "bf16"):

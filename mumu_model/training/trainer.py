@@ -15,6 +15,11 @@ down to `min_lr_ratio` x lr at `max_steps`. One AdamW param group per module (na
 "vision", "connector", "text", "adapter", "unet"), each with its own lr; weight decay applies
 to every trainable tensor of a group (one group per module keeps the lrs inspectable).
 
+EMA (`ema_decay` > 0, `ema.EMA`): a moving average of exactly the trainable tensors, updated
+after every optimizer step. Validation generates with it swapped in, checkpoints save it
+(ema.safetensors) and resume restores it, and the exported pipeline / UNet LoRA are built
+from it; the raw weights keep training underneath.
+
 Known limits: every rank builds the whole model before FSDP2 shards it (paper scale wants
 meta-device initialisation); a checkpoint resumes with the process count that wrote it (each
 rank's data position is saved); the bf16 / nccl path is written but was not run here (no GPU).
@@ -52,6 +57,7 @@ from .checkpoint import (
     restore_rng,
 )
 from .config import MODULES, TrainConfig, config_from_dict, load_train_config
+from .ema import EMA
 from .tracking import Tracker, validation_grid
 
 logger = logging.getLogger("mumu.training")
@@ -132,7 +138,7 @@ def load_init_pipeline(path: str | Path) -> MUMUPipeline:
         return MUMUPipeline.from_pretrained(path)
     if (path / "pipeline" / "model_index.json").is_file():
         return MUMUPipeline.from_pretrained(path / "pipeline")
-    if (path / STATE_FILE).is_file():
+    if (path / STATE_FILE).is_file():  # its EMA weights if it has them, as its exported pipeline/
         pipe, model = trained_model_from_checkpoint(path)
         merge_loras(model)
         return pipe
@@ -219,9 +225,13 @@ def merge_loras(module: nn.Module) -> int:
     return merged
 
 
-def trained_model_from_checkpoint(path: str | Path) -> tuple[MUMUPipeline, MUMUTrainModel]:
-    """The model a checkpoint was trained from, with its trained weights (LoRAs not merged)."""
-    weights, state = CheckpointManager.load_weights(path)
+def trained_model_from_checkpoint(path: str | Path, ema: bool | None = None) -> tuple[MUMUPipeline, MUMUTrainModel]:
+    """The model a checkpoint was trained from, with its trained weights (LoRAs not merged).
+
+    ema=None: the EMA weights when the run kept an EMA (the model it delivers), else the raw
+    last-step weights; False: always the raw weights.
+    """
+    weights, state = CheckpointManager.load_weights(path, ema=ema)
     config = config_from_dict(state["config"])
     pipe, model = setup_model(config)
     load_trainable(model, weights, where=str(path))
@@ -323,6 +333,11 @@ class Trainer:
         if self.dist.sharded:
             parallel.apply_fsdp(self.model, self.device, bf16=self.bf16)
         self.optimizer = build_optimizer(self.model, config)  # after sharding: DTensor params
+        # The EMA shadows the same (sharded) parameter objects the optimizer updates.
+        self.ema = None
+        if config.ema_decay > 0:
+            trainable = [(parallel.clean_name(n), p) for n, p in self.model.named_parameters() if p.requires_grad]
+            self.ema = EMA(trainable, config.ema_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(config, step))
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         if self.noise_scheduler.config.prediction_type != "epsilon":
@@ -418,8 +433,12 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        dropped = float(batch["dropped"].float().mean())
+        metrics = {"loss": mean_loss, "grad_norm": grad_norm, "dropped_fraction": dropped, **lrs}
+        if self.ema is not None:
+            metrics["ema_decay"] = self.ema.update(self.step)  # the decay this step used (warm-up)
         self.step += 1
-        return {"loss": mean_loss, "grad_norm": grad_norm, "dropped_fraction": float(batch["dropped"].float().mean()), **lrs}
+        return metrics
 
     def _diverged(self, what: str, batch: dict) -> None:
         last = self.checkpoints.latest()
@@ -480,6 +499,7 @@ class Trainer:
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=options)
+        ema_state = self.ema.state_dict() if self.ema is not None else None  # collective under FSDP2
         meta, tensors = capture_rng(self.generator)
         meta["data"] = self.stream.state_dict()
         blobs = parallel.all_gather_bytes(pack_rank_state(meta, tensors), self._comm)
@@ -494,7 +514,7 @@ class Trainer:
                 "mlflow_run_id": self.tracker.run_id,
                 "time": time.time(),
             }
-            path = self.checkpoints.save(self.step, model_state, optimizer_state, state, blobs)
+            path = self.checkpoints.save(self.step, model_state, optimizer_state, state, blobs, ema=ema_state)
             logger.info("wrote checkpoint %s", path)
         self.last_saved = self.step
         parallel.barrier()
@@ -524,6 +544,13 @@ class Trainer:
             optim_state_dict=checkpoint.optimizer,
             options=StateDictOptions(full_state_dict=True, strict=False),
         )
+        if self.ema is not None and checkpoint.ema is not None:
+            self.ema.load_state_dict(checkpoint.ema)
+        elif self.ema is not None:  # EMA switched on for a run that trained without it
+            logger.warning("resume from %s: the checkpoint has no EMA; the EMA starts from its weights", path)
+            self.ema.reset()
+        elif checkpoint.ema is not None:
+            logger.warning("resume from %s: ema_decay=0, so the checkpoint's EMA weights are dropped", path)
         self.scheduler.load_state_dict(checkpoint.state["scheduler"])
         meta, tensors = checkpoint.rank_states[self.dist.rank]
         restore_rng(meta, tensors, self.generator)
@@ -536,7 +563,8 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> None:
-        """Generate every validation prompt x seed with the weights being trained; rank 0 logs a grid.
+        """Generate every validation prompt x seed with the weights being trained (their EMA when
+        EMA is on); rank 0 logs a grid.
 
         Under FSDP2 every rank runs the same generation: each block's forward all-gathers its
         full parameters, so the ranks must call it together (no rank-0-only generation, and no
@@ -549,8 +577,9 @@ class Trainer:
         self.model.eval()
         rows = []
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        weights = self.ema.swapped_in() if self.ema is not None else nullcontext()  # raw weights back after
         try:
-            with autocast:
+            with autocast, weights:
                 for text, prompt in self.validation:
                     outputs = []
                     for seed in config.validation_seeds:
@@ -567,19 +596,24 @@ class Trainer:
     # -- the end ----------------------------------------------------------------------------------
 
     def finish(self) -> TrainResult:
-        """Final checkpoint and validation; then, from the checkpoint, the merged pipeline + LoRA."""
+        """Final checkpoint and validation; then, from the checkpoint, the merged pipeline + LoRA
+        (from the EMA weights when EMA is on)."""
         config = self.config
         if self.last_saved != self.step:
             self.save_checkpoint()
         self.validate()
         checkpoint = self.checkpoints.root / f"step-{self.step:08d}"
+        # EMA on: the checkpoint's EMA weights (a checkpoint resumed at max_steps that had no EMA
+        # has none, and then the reset EMA equals the raw weights anyway); off: the raw weights.
+        use_ema = None if self.ema is not None else False
         # Free the training copy before rank 0 rebuilds an unsharded one from the checkpoint.
-        self.model = self.optimizer = self.scheduler = None
+        self.model = self.optimizer = self.scheduler = self.ema = None
         self.pipe = None
         gc.collect()
         pipeline_dir = unet_lora_dir = None
         if self.dist.is_main:
-            pipeline_dir, unet_lora_dir = export_final(checkpoint, self.output_dir, config.export_unet_lora)
+            pipeline_dir, unet_lora_dir = export_final(checkpoint, self.output_dir, config.export_unet_lora,
+                                                       ema=use_ema)
             logger.info("wrote %s%s", pipeline_dir, f" and {unet_lora_dir}" if unet_lora_dir else "")
             if config.log_pipeline_artifact:
                 self.tracker.log_artifacts(pipeline_dir, "pipeline")
@@ -610,10 +644,13 @@ class Trainer:
         return result
 
 
-def export_final(checkpoint: Path, output_dir: Path, export_lora: bool = True) -> tuple[Path, Path | None]:
+def export_final(
+    checkpoint: Path, output_dir: Path, export_lora: bool = True, ema: bool | None = None
+) -> tuple[Path, Path | None]:
     """output_dir/pipeline/ (LoRAs merged: a plain MUMUPipeline) and output_dir/unet_lora/ (paper
-    Finding 4: merge it into community SDXL fine-tunes), both from a checkpoint, atomically."""
-    pipe, model = trained_model_from_checkpoint(checkpoint)
+    Finding 4: merge it into community SDXL fine-tunes), both from a checkpoint, atomically;
+    from its EMA weights if it has them, unless ema=False."""
+    pipe, model = trained_model_from_checkpoint(checkpoint, ema=ema)
     unet_lora_dir = None
     if export_lora and getattr(model.unet, "peft_config", None):
         unet_lora_dir = export_unet_lora(model.unet, output_dir / "unet_lora")
