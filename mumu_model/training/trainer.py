@@ -259,8 +259,11 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
         params = [p for n, p in model.named_parameters() if p.requires_grad and module_of(n) == module]
         if params:
             groups.append({"name": module, "params": params, "lr": config.lrs[module]})
+    # foreach: one kernel per op over all tensors. torch picks it by default on GPU only; on CPU
+    # the per-tensor loop costs as much as a small model's backward pass.
     return torch.optim.AdamW(
-        groups, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps, weight_decay=config.weight_decay
+        groups, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps, weight_decay=config.weight_decay,
+        foreach=True,
     )
 
 
