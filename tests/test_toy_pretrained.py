@@ -111,16 +111,19 @@ def test_vae_and_clip_are_deterministic_and_convert_images(tmp_path):
     images[1] = images[1].convert("RGBA")
     texts = [f"a {COLOURS[i % 4]} square" for i in range(16)]
     state = torch.random.get_rng_state()
-    runs = []
     for name in ("a", "b"):
         train_toy_vae(images, tmp_path / f"vae_{name}", steps=3, batch_size=4, block_out_channels=(8, 8), seed=5)
         train_toy_clip(images, texts, tmp_path / f"clip_{name}", steps=3, batch_size=8, seed=5)
-        runs.append(name)
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
     for kind in ("vae", "clip"):
-        first = (tmp_path / f"{kind}_a").glob("*.safetensors")
-        for path in first:
+        weights = sorted((tmp_path / f"{kind}_a").glob("*.safetensors"))
+        assert weights
+        for path in weights:
             assert path.read_bytes() == (tmp_path / f"{kind}_b" / path.name).read_bytes(), path.name
+    # Another seed, other weights.
+    train_toy_vae(images, tmp_path / "vae_c", steps=3, batch_size=4, block_out_channels=(8, 8), seed=6)
+    name = "diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "vae_c" / name).read_bytes() != (tmp_path / "vae_a" / name).read_bytes()
 
 
 # -- CLIP --------------------------------------------------------------------------------------
