@@ -18,6 +18,7 @@ from mumu_model.data import steps
 from mumu_model.data.report import Skipped
 
 from .data_assets import synthetic_images
+from .metadata import dataset_metadata
 from .params import params
 from .resources import DatasetStorage
 
@@ -47,8 +48,6 @@ def _renders(storage: DatasetStorage, skipped: Skipped, keep_defective: bool):
 
 
 def _training_metadata(out, metrics: dict, images: int, skipped: Skipped) -> dict:
-    from .metadata import dataset_metadata
-
     metadata = dataset_metadata(out, images + skipped.total, images, skipped)
     for name, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -65,13 +65,16 @@ def test_every_asset_materializes_and_every_check_passes(toy_run):
         "filtered_synthetic", "real_images", "detections", "multimodal_captions_stage1",
         "multimodal_captions_stage2", "stage1_model", "stage2_model", "evaluation",
     }
-    failed = []
+    evaluated, failed = set(), []
     for check_key in defs.get_repository_def().asset_graph.asset_check_keys:
         for record in instance.event_log_storage.get_asset_check_execution_history(check_key, limit=10):
             evaluation = record.event.dagster_event.event_specific_data if record.event else None
-            if evaluation is not None and getattr(evaluation, "passed", True) is False:
-                if evaluation.severity == dg.AssetCheckSeverity.ERROR:
+            if isinstance(evaluation, dg.AssetCheckEvaluation):
+                evaluated.add(check_key)
+                if not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.ERROR:
                     failed.append((check_key.to_user_string(), evaluation.metadata))
+    # Every check ran (so the loop above saw something to judge), and none failed.
+    assert evaluated == set(defs.get_repository_def().asset_graph.asset_check_keys)
     assert not failed
 
 

@@ -36,7 +36,7 @@ def l2_normalize(embeddings: torch.Tensor) -> torch.Tensor:
     return embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def _pooled(output) -> torch.Tensor:
+def pooled_features(output) -> torch.Tensor:
     """transformers 5 returns CLIP's projected embeddings as `pooler_output`; 4.x a tensor."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
@@ -70,7 +70,7 @@ class ClipEmbedder:
             batch = [to_rgb(image) for image in images[start : start + self.batch_size]]
             pixels = self.processor.image_processor(images=batch, return_tensors="pt")["pixel_values"]
             features = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
-            chunks.append(l2_normalize(_pooled(features)).cpu())
+            chunks.append(l2_normalize(pooled_features(features)).cpu())
         return torch.cat(chunks) if chunks else torch.empty(0, self.model.config.projection_dim)
 
     @torch.no_grad()
@@ -82,7 +82,7 @@ class ClipEmbedder:
                 list(texts[start : start + self.batch_size]),
                 padding="max_length", truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt",
             ).to(self.device)
-            chunks.append(l2_normalize(_pooled(self.model.get_text_features(**inputs))).cpu())
+            chunks.append(l2_normalize(pooled_features(self.model.get_text_features(**inputs))).cpu())
         return torch.cat(chunks) if chunks else torch.empty(0, self.model.config.projection_dim)
 
     @property

@@ -41,6 +41,7 @@ from transformers import (
 )
 
 from ..atomic import atomic_dir
+from ..data.scoring import l2_normalize, pooled_features
 from ..images import to_rgb
 from .world import BACKGROUNDS, PALETTE, SHAPES, SIZES
 
@@ -379,15 +380,12 @@ def caption_hard_negatives(text: str, rng: random.Random) -> dict[str, str]:
 
 
 def _clip_features(model: CLIPModel, pixel_values=None, tokens=None) -> torch.Tensor:
-    """L2-normalised projected embeddings: what `get_image_features`/`get_text_features`
-    compute and `ClipEmbedder` reads, spelled out (their return type changed in transformers 5)."""
+    """L2-normalised projected embeddings, read as `ClipEmbedder` reads them."""
     if pixel_values is not None:
-        pooled = model.vision_model(pixel_values=pixel_values).pooler_output
-        features = model.visual_projection(pooled)
+        features = model.get_image_features(pixel_values=pixel_values)
     else:
-        pooled = model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
-        features = model.text_projection(pooled)
-    return F.normalize(features, dim=-1)
+        features = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+    return l2_normalize(pooled_features(features))
 
 
 def _contrastive_loss(model, image_features, text_features, caption_ids, candidate_ids) -> torch.Tensor:
