@@ -78,6 +78,7 @@ def cmd_eval_run(args: argparse.Namespace) -> None:
         out_dir=Path(args.out), mlflow_run=mlflow_run, negative_prompt=args.negative_prompt,
         resolution=args.resolution, device=args.device, dtype=dtype, tracking_uri=args.tracking_uri,
         experiment=args.experiment, run_name=args.run_name, text_only_ablation=args.text_only_ablation,
+        batch_size=args.batch_size,
     )
     _print_summary(result)
     print(f"wrote {result.out_dir} ({len(result.rows)} images)")
@@ -123,6 +124,8 @@ def add_eval_commands(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--text-only-ablation", action="store_true",
                      help="also generate every prompt with its images removed (same seeds) and score it "
                      "separately (metrics with a _text_only suffix): what the images add")
+    run.add_argument("--batch-size", type=int, default=1,
+                     help="prompts per pipeline call, each with all its seeds (speed and memory only)")
     run.add_argument("--resolution", type=int, default=None, help="output side in pixels (default: native)")
     run.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     run.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,

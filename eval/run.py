@@ -4,8 +4,9 @@ Steps, in an order that fails fast and keeps one big model in memory at a time:
 1. The pipeline folder is checked (an incomplete one raises `PipelineFolderError` at once), the
    suites are read (a broken suite file raises `SuiteError`) and the metric models are loaded
    (a bad path fails here, before any image is generated).
-2. MUMU generates each entry, all its seeds in one call. An entry whose image is missing or
-   whose prompt has more images than the model takes becomes an `EntryError`; the rest go on.
+2. MUMU generates the entries, `batch_size` prompts with all their seeds per call. An entry
+   whose image is missing, whose prompt has more images than the model takes, or whose
+   generation fails becomes an `EntryError`; the rest go on.
    With `text_only_ablation`, MUMU also generates every entry that has images a second time
    with its images removed ("a <img:x.png> circle" -> "a circle"), same seeds and sampler: what
    the model draws from the words alone, so the multimodal rows show what the images add.
@@ -288,6 +289,7 @@ def evaluate(
     experiment: str = DEFAULT_EXPERIMENT,
     run_name: str | None = None,
     text_only_ablation: bool = False,
+    batch_size: int = 1,
 ) -> EvalResult:
     """Evaluate a MUMU pipeline on prompt suites; see the module docstring for the steps.
 
@@ -307,6 +309,8 @@ def evaluate(
         text_only_ablation: also generate each entry that has images with its images removed
             (same seeds and sampling) and score those rows too (`variant` "text_only"; summary
             metrics with a `_text_only` suffix), to show what the images contribute.
+        batch_size: prompts per pipeline call (each with all its seeds); the images do not
+            depend on it, only speed and memory do.
 
     Bad entries do not raise: they are collected in `EvalResult.errors` (and logged), and the
     rest of the suite is scored.
@@ -318,6 +322,8 @@ def evaluate(
         raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = device or _default_device()
     out_dir = Path(out_dir)
 
@@ -340,27 +346,29 @@ def evaluate(
     size = resolution or pipe.default_sample_size
     generated: list[_Generated] = []
     for suite in loaded_suites:
+        entries: list[LoadedEntry] = []
         for entry in suite.entries:
             try:
-                loaded = load_entry(suite, entry, max_images)
-                images = _generate_mumu(pipe, loaded.prompt, seeds, steps, guidance, negative_prompt, size,
-                                        suite.image_root)
-                ablation = []
-                if text_only_ablation and not loaded.text_only:
-                    ablation = _generate_mumu(pipe, prompt_words(loaded.prompt), seeds, steps, guidance,
-                                              negative_prompt, size, suite.image_root)
+                entries.append(load_entry(suite, entry, max_images))
             except EntryError as err:
                 errors.append(err)
+        sample = dict(pipe=pipe, seeds=seeds, steps=steps, guidance=guidance, negative_prompt=negative_prompt,
+                      size=size, image_root=suite.image_root, batch_size=batch_size)
+        images = _generate_mumu([e.prompt for e in entries], **sample)
+        ablated = [i for i, e in enumerate(entries) if text_only_ablation and not e.text_only]
+        ablation = dict(zip(ablated, _generate_mumu([prompt_words(entries[i].prompt) for i in ablated], **sample)))
+        for index, loaded in enumerate(entries):
+            failure = next((r for r in (images[index], ablation.get(index)) if isinstance(r, Exception)), None)
+            if failure is not None:
+                errors.append(EntryError(suite.name, loaded.id,
+                                         f"generation failed: {type(failure).__name__}: {failure}"))
                 continue
-            except Exception as err:  # noqa: BLE001 - one broken entry must not end the evaluation
-                logger.exception("generating %s/%s failed", suite.name, entry.id)
-                errors.append(EntryError(suite.name, entry.id, f"generation failed: {type(err).__name__}: {err}"))
-                continue
-            paths = [_save_png(out_dir, f"images/{suite.name}/{entry.id}/seed{seed}.png", image)
-                     for seed, image in zip(seeds, images)]
-            ablation_paths = [_save_png(out_dir, f"images_text_only/{suite.name}/{entry.id}/seed{seed}.png", image)
-                              for seed, image in zip(seeds, ablation)]
-            generated.append(_Generated(loaded, seeds, images, paths, ablation_images=ablation,
+            paths = [_save_png(out_dir, f"images/{suite.name}/{loaded.id}/seed{seed}.png", image)
+                     for seed, image in zip(seeds, images[index])]
+            ablation_images = ablation.get(index, [])
+            ablation_paths = [_save_png(out_dir, f"images_text_only/{suite.name}/{loaded.id}/seed{seed}.png", image)
+                              for seed, image in zip(seeds, ablation_images)]
+            generated.append(_Generated(loaded, seeds, images[index], paths, ablation_images=ablation_images,
                                         ablation_paths=ablation_paths))
     if owns_pipeline:
         del pipe
@@ -438,17 +446,38 @@ def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
 
 
 def _generate_mumu(
-    pipe: MUMUPipeline, prompt: MultimodalPrompt | str, seeds: list[int], steps: int, guidance: float,
-    negative_prompt: str | None, size: int, image_root: Path,
-) -> list[Image.Image]:
-    # All seeds in one call: each image has its own generator, so it does not depend on the others.
+    prompts: list[MultimodalPrompt | str], *, pipe: MUMUPipeline, seeds: list[int], steps: int, guidance: float,
+    negative_prompt: str | None, size: int, image_root: Path, batch_size: int,
+) -> list[list[Image.Image] | Exception]:
+    """Each prompt's images, one per seed, or the exception that generating it raised.
+
+    `batch_size` prompts (times their seeds) go through the pipeline together. Every image has
+    its own generator, so it is the same image whatever else is in its batch. A failing batch
+    is generated again one prompt at a time, so that the failure is pinned on its entry.
+    """
     negative = None
     if negative_prompt is not None:
         negative = MultimodalPrompt.from_text(negative_prompt, image_root, max_images=pipe.config.max_images)
-    return pipe(
-        prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-        negative_prompt=negative, num_images_per_prompt=len(seeds), generator=_generators(seeds),
-    ).images
+
+    def call(chunk: list[MultimodalPrompt | str]) -> list[list[Image.Image]]:
+        images = pipe(
+            list(chunk), height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+            negative_prompt=negative, num_images_per_prompt=len(seeds),
+            generator=[g for _ in chunk for g in _generators(seeds)],
+        ).images
+        return [images[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(chunk))]
+
+    def generate(chunk: list[MultimodalPrompt | str]) -> list[list[Image.Image] | Exception]:
+        try:
+            return call(chunk)
+        except Exception as err:  # noqa: BLE001 - one broken entry must not end the evaluation
+            if len(chunk) > 1:  # one prompt at a time, to find the one that fails
+                return [result for prompt in chunk for result in generate([prompt])]
+            logger.exception("generating a prompt failed")
+            return [err]
+
+    return [result for start in range(0, len(prompts), batch_size)
+            for result in generate(prompts[start:start + batch_size])]
 
 
 def _generate_sdxl(

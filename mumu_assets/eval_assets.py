@@ -48,6 +48,7 @@ class EvaluationConfig(dg.Config):
     tracking_uri: str | None = E.get("tracking_uri", None)  # None: $MLFLOW_TRACKING_URI, else beside the output
     # Also generate each prompt with its images removed and score it apart (`_text_only` metrics).
     text_only_ablation: bool = E.get("text_only_ablation", False)
+    batch_size: int = E.get("batch_size", 1)  # prompts per pipeline call (speed and memory only)
 
 
 @dg.asset(group_name="evaluation", deps=[stage1_model, stage2_model, dg.AssetKey("scorer_model")], kinds={"mlflow"})
@@ -64,7 +65,7 @@ def evaluation(
         config.pipeline, [Path(s) for s in config.suites], models=eval_models.models(), steps=config.steps,
         guidance=config.guidance, seeds=tuple(config.seeds), out_dir=out_dir, resolution=config.resolution,
         tracking_uri=config.tracking_uri, run_name=f"eval-{context.run_id[:8]}",
-        text_only_ablation=config.text_only_ablation,
+        text_only_ablation=config.text_only_ablation, batch_size=config.batch_size,
     )
     summary = pd.DataFrame(result.suites).T
     summary.loc["aggregate"] = pd.Series(result.aggregate)

@@ -172,17 +172,22 @@ def build_pipeline(config: ModelConfig) -> MUMUPipeline:
     else:
         encoder = MUMUEncoder.from_pretrained(config.encoder, dtype=dtype)
         processor = configure_processor(Idefics2Processor.from_pretrained(config.encoder), config.image_size)
-    if config.sdxl is None:
-        vae_scale = 2  # the tiny VAE's two blocks (a trained toy VAE has the same layout)
-        unet = tiny_unet(sample_size=config.resolution // vae_scale, block_out_channels=config.unet_channels)
-        vae = tiny_vae(sample_size=config.resolution)
-        scheduler = DDIMScheduler(**{**SDXL_SCHEDULE, "beta_schedule": config.noise_schedule})
-    else:
-        unet = UNet2DConditionModel.from_pretrained(config.sdxl, subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(config.sdxl, subfolder="vae", torch_dtype=dtype)
-        scheduler = DDIMScheduler.from_pretrained(config.sdxl, subfolder="scheduler")
+    # A VAE the config names replaces SDXL's (or the tiny one); its depth sets the latent size.
+    vae = None
     if config.vae is not None:
         vae = AutoencoderKL.from_pretrained(config.vae, torch_dtype=dtype, use_safetensors=True)
+    if config.sdxl is None:
+        if vae is None:
+            vae = tiny_vae(sample_size=config.resolution)
+        vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)  # each block after the first halves
+        unet = tiny_unet(sample_size=config.resolution // vae_scale, block_out_channels=config.unet_channels)
+        schedule = {**SDXL_SCHEDULE, "beta_schedule": config.noise_schedule}
+        scheduler = DDIMScheduler(**schedule, prediction_type=config.prediction_type)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(config.sdxl, subfolder="unet", torch_dtype=dtype)
+        if vae is None:
+            vae = AutoencoderKL.from_pretrained(config.sdxl, subfolder="vae", torch_dtype=dtype)
+        scheduler = DDIMScheduler.from_pretrained(config.sdxl, subfolder="scheduler")
     adapter = build_adapter(config, encoder, unet)
     if dtype != torch.float32:  # what was built rather than loaded is still float32
         for module in (encoder, adapter, unet, vae):

@@ -254,7 +254,9 @@ class MUMUPipeline(DiffusionPipeline):
         if upcast:
             self.vae.to(torch.float32)
         try:
-            return self.vae.decode(latents.to(vae_dtype) / self.vae.config.scaling_factor).sample
+            # The inverse of training's `vae_latents`: unscale, then unshift (SD3/Flux VAEs shift).
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            return self.vae.decode(latents.to(vae_dtype) / self.vae.config.scaling_factor + shift).sample
         finally:
             if upcast:
                 self.vae.to(torch.float16)

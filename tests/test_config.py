@@ -35,6 +35,7 @@ def test_yaml_file_names_its_profile(tmp_path):
         (["image_size"], "field=value"),
         (["image_size=big"], "expects"),
         (["dtype=float64"], "dtype"),
+        (["prediction_type=sample"], "prediction_type must be epsilon or v_prediction"),
     ],
 )
 def test_bad_overrides_are_refused(overrides, message):

@@ -450,3 +450,34 @@ def test_evaluate_with_text_only_ablation(tiny_pipeline_dir, clip_dir, tracking_
                  "aggregate/colour_match_text_only"):
         assert run.data.metrics[name] == pytest.approx(result.metrics()[name]), name
     assert run.data.params["text_only_ablation"] == "True"
+
+
+def test_batched_generation_gives_the_same_images_and_pins_a_failure_on_its_entry(pipe, tmp_path, monkeypatch):
+    from mumu_model import MUMUPipeline
+
+    suite = colour_suite(tmp_path / "suite")
+    common = dict(models=EvalModels(face=None), steps=2, seeds=(0, 1), mlflow_run=False, text_only_ablation=True)
+    alone = evaluate(pipe, [suite], out_dir=tmp_path / "alone", **common)
+    batched = evaluate(pipe, [suite], out_dir=tmp_path / "batched", batch_size=3, **common)
+    assert list(batched.rows.image) == list(alone.rows.image) and len(alone.rows) == 10
+    for relative in alone.rows.image:  # each image has its own generator: batching changes nothing
+        with Image.open(tmp_path / "alone" / relative) as a, Image.open(tmp_path / "batched" / relative) as b:
+            assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1, relative
+
+    # A prompt that cannot be generated fails its batch; the batch is redone prompt by prompt,
+    # so only that entry is lost (its ablation is in another batch, and dropped with it).
+    generate = MUMUPipeline.__call__
+
+    def fails_on_dotted(self, prompt, *args, **kwargs):
+        if any("dotted" in p if isinstance(p, str) else "dotted" in p.to_text() for p in prompt):
+            raise RuntimeError("out of memory, say")
+        return generate(self, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(MUMUPipeline, "__call__", fails_on_dotted)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        evaluate(pipe, [suite], out_dir=tmp_path / "zero", batch_size=0, **common)
+    result = evaluate(pipe, [suite], out_dir=tmp_path / "failing", batch_size=3, **common)
+    assert [(e.entry, e.message) for e in result.errors] == [
+        ("one", "generation failed: RuntimeError: out of memory, say")
+    ]
+    assert sorted(set(result.rows.entry)) == ["two", "words"] and len(result.rows) == 6

@@ -143,3 +143,23 @@ def test_paper_profile_loads_checkpoints_from_paths(tmp_path, tiny_pipeline_dir,
     assert torch.equal(pipe.unet.conv_in.weight, tiny.unet.conv_in.weight)
     pipe.set_progress_bar_config(disable=True)
     assert np.isfinite(_generate(pipe, MultimodalPrompt([red_square, " dog"]), steps=2)).all()
+
+
+def test_decoding_inverts_the_training_latents_of_a_shifted_vae(pipe):
+    from mumu_model.training.data import vae_latents
+
+    pipe.vae.register_to_config(scaling_factor=0.5, shift_factor=0.3)  # as SD3 and Flux VAEs have
+    pixels = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        expected = pipe.vae.decode(pipe.vae.encode(pixels).latent_dist.mean).sample
+        decoded = pipe._decode(vae_latents(pipe.vae, pixels))
+    torch.testing.assert_close(decoded, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_v_prediction_profile_builds_a_v_prediction_scheduler():
+    config = load_model_config("toy")
+    assert config.prediction_type == "v_prediction"
+    assert build_pipeline(config).scheduler.config.prediction_type == "v_prediction"
+    assert build_pipeline(load_model_config("tiny")).scheduler.config.prediction_type == "epsilon"
+    with pytest.raises(ValueError, match="prediction_type must be epsilon or v_prediction, got 'sample'"):
+        load_model_config("tiny", {"prediction_type": "sample"})

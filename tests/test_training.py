@@ -167,6 +167,24 @@ def test_loss_finite_and_decreasing_on_a_fixed_batch(tmp_path, small_shard):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_loss_target_follows_the_schedulers_prediction_type(tmp_path, small_shard, prediction_type):
+    trainer = Trainer(tiny(tmp_path, small_shard, model_overrides={"prediction_type": prediction_type}))
+    assert trainer.noise_scheduler.config.prediction_type == prediction_type
+    batch = next(trainer.batches)
+    trainer.model.forward = lambda inputs, noisy, timesteps, time_ids: torch.zeros_like(noisy)
+    loss = trainer.compute_loss(batch, torch.Generator().manual_seed(5))  # MSE of 0 vs the target
+
+    latents = trainer.latents(batch)
+    generator = torch.Generator().manual_seed(5)  # the same draws, in the same order
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
+    velocity = trainer.noise_scheduler.get_velocity(latents, noise, timesteps)
+    target = noise if prediction_type == "epsilon" else velocity
+    assert float(loss) == pytest.approx(float(target.pow(2).mean()), rel=1e-5)
+    assert float((velocity - noise).abs().max()) > 0.1  # the two targets are told apart
+
+
 # -- ④ NaN ----------------------------------------------------------------------------------------
 
 

@@ -4,7 +4,8 @@ Top to bottom: the module being trained (encoder + adapter + UNet), how each par
 LoRA'd or fully trained (paper Table 1), the optimizer and LR schedule, the loss, and the
 `Trainer` that runs steps, checkpoints, validates and writes the final pipeline.
 
-The loss is SDXL's: epsilon-prediction MSE. Targets go through the VAE (posterior mean x
+The loss is SDXL's: epsilon-prediction MSE (or v-prediction MSE when the pipeline's scheduler
+says `prediction_type="v_prediction"`, as the toy profile's does). Targets go through the VAE (posterior mean x
 scaling factor, `data.vae_latents`, optionally cached), t ~ U{0..999}, noise is added with
 the pipeline scheduler's training schedule (DDPM from its config), and the conditioning comes
 from `encode_inputs`, the one function sampling uses too: dropped prompts are the empty prompt,
@@ -343,10 +344,10 @@ class Trainer:
             self.ema = EMA(trainable, config.ema_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(config, step))
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
-        if self.noise_scheduler.config.prediction_type != "epsilon":
+        if self.noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(
                 f"the pipeline's scheduler predicts {self.noise_scheduler.config.prediction_type!r}; "
-                "MUMU trains SDXL's epsilon prediction"
+                "the trainer supports 'epsilon' (SDXL) and 'v_prediction'"
             )
         # Noise and timesteps come from this generator, per rank, saved in checkpoints.
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed * 1000 + self.dist.rank + 1)
@@ -397,7 +398,7 @@ class Trainer:
         return latents.to(self.device, torch.float32)
 
     def compute_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        """SDXL's epsilon-prediction MSE on one batch; noise and timesteps drawn from `generator`."""
+        """The denoising MSE on one batch; noise and timesteps drawn from `generator`."""
         latents = self.latents(batch)
         size = latents.shape[0]
         noise = torch.randn(latents.shape, generator=generator, device=self.device)
@@ -411,7 +412,11 @@ class Trainer:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with autocast:
             prediction = self.model(batch["encoder_inputs"], noisy, timesteps, time_ids)
-        return F.mse_loss(prediction.float(), noise.float())
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return F.mse_loss(prediction.float(), target.float())
 
     def train_step(self, batch: dict) -> dict[str, float]:
         """One optimizer update; raises TrainingDiverged (before touching the weights) on NaN/inf."""
