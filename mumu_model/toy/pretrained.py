@@ -187,8 +187,8 @@ def train_toy_vae(
     (MSE in [-1, 1] pixels) plus `kl_weight` x KL, with both summed per image as in LDM (so
     1e-6 means what it means there). Afterwards `scaling_factor` is set to 1 / std of the
     latents of up to 512 training images, so the diffusion model sees ~unit-variance latents
-    (SD and SDXL chose theirs the same way). No `shift_factor`: MUMU's pipeline, like SDXL's,
-    only divides by the scale when decoding.
+    (SD and SDXL chose theirs the same way). No `shift_factor`, as in SD and SDXL; training
+    (`vae_latents`) and decoding (`MUMUPipeline._decode`) would both honour one.
 
     The defaults, measured on 5,000 toy renders: 28.9 dB PSNR on held-out renders (object
     interiors off by 8 RGB units on average, none by more than 60), in 162 s on one CPU thread
