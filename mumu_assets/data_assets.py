@@ -290,6 +290,9 @@ class CaptionConfig(dg.Config):
     control_probability: float = P["captions"]["control_probability"]
     text_only_probability: float = P["captions"].get("text_only_probability", 0.0)
     stage2_subject: str = P["captions"].get("stage2_subject", "person")  # "any" in a world without people
+    stage2_max_subjects: int | None = P["captions"].get("stage2_max_subjects")  # None: no limit
+    # Words a phrase loses when its crop goes before it (the toy world: the colour names)
+    crop_replaces_words: list[str] = P["captions"].get("crop_replaces_words", [])
     image_format: str = P["captions"].get("image_format", "jpg")
     min_crop_side: int = P["detection"]["min_crop_side"]
     reference_side: int = P["detection"]["reference_side"]
@@ -336,7 +339,8 @@ def multimodal_captions_stage1(
         control_probability=config.control_probability, control_backends=control_image_models.get(),
         min_side=config.min_crop_side, reference_side=config.reference_side,
         max_area_fraction=config.max_area_fraction, head_probability=config.head_probability,
-        text_only_probability=config.text_only_probability, image_format=config.image_format,
+        text_only_probability=config.text_only_probability, crop_replaces_words=config.crop_replaces_words,
+        image_format=config.image_format,
     )
     metadata = _caption_metadata(out, result, storage, f"stage1-{shard}.png")
     metadata["control_kinds"] = dg.MetadataValue.json(result.table["control"].value_counts().to_dict())
@@ -354,7 +358,10 @@ def multimodal_captions_stage2(
     result = steps.caption(
         2, _caption_sources(storage, shard), pd.read_parquet(storage.path("detections", f"{shard}.parquet")), out,
         seed=config.seed, reference_side=config.reference_side, max_area_fraction=config.max_area_fraction,
-        subject=config.stage2_subject, image_format=config.image_format,
+        subject=config.stage2_subject, max_subjects=config.stage2_max_subjects,
+        text_only_probability=config.text_only_probability,
+        crop_replaces_words=config.crop_replaces_words,
+        image_format=config.image_format,
     )
     metadata = _caption_metadata(out, result, storage, f"stage2-{shard}.png")
     return dg.MaterializeResult(metadata=metadata, check_results=[_records_check(out, 1, 1)])

@@ -109,6 +109,27 @@ def test_insert_crops_rejects_bad_input():
             insert_crops(caption, [(man, name)])
 
 
+def test_insert_crops_drops_the_words_a_crop_shows(tmp_path):
+    caption = "a big Red star and a red circle, red style"
+    star, circle = Phrase("big Red star", 2, 14), Phrase("red circle", 21, 31)
+    colours = ["red", "blue"]
+    # Only the cropped phrase loses its colour (any case); the others and the style keep theirs.
+    text = insert_crops(caption, [(star, "c0.png")], crop_replaces_words=colours)
+    assert text == "a <img:c0.png> big star and a red circle, red style"
+    both = insert_crops(caption, [(star, "c0.png"), (circle, "c1.png")], crop_replaces_words=colours)
+    assert both == "a <img:c0.png> big star and a <img:c1.png> circle, red style"
+    for name in ("c0.png", "c1.png"):
+        Image.new("RGB", (4, 4), "red").save(tmp_path / name)
+    assert caption_of(MultimodalPrompt.from_text(both, tmp_path)) == "a big star and a circle, red style"
+    # A phrase that is only such a word keeps it (the noun stays); no listed word, no change.
+    assert insert_crops("the red", [(Phrase("red", 4, 7), "c.png")], colours) == "the <img:c.png> red"
+    assert insert_crops("a  green  star", [(Phrase("green  star", 3, 14), "c.png")], colours) == (
+        "a  <img:c.png> green  star"
+    )
+    with pytest.raises(ValueError, match="overlaps"):
+        insert_crops(caption, [(star, "c0.png"), (Phrase("star", 10, 14), "c1.png")], colours)
+
+
 # -- stage 1 -------------------------------------------------------------------------------
 
 
@@ -244,6 +265,22 @@ def test_stage1_text_only_and_bad_input():
     assert skipped.counts["bad_image"] == 2 and skipped.counts["empty_caption"] == 1
 
 
+def test_crop_replaces_words_leaves_the_caption_and_uncropped_phrases():
+    scores = {"woman": 0.1, "head": 0.1, "spacesuit": 1.0, "helmet": 0.9, "flag": 0.1, "rocket": 0.1}
+    kwargs = {"rng": random.Random(0), "max_crops": 2, "control_probability": 0.0}
+    record = stage1_record("astronaut", astronaut(), CAPTION, astronaut_detections(scores),
+                           crop_replaces_words=["orange", "white", "american"], **kwargs)
+    assert record.prompt == (
+        "A smiling woman in an <img:crop0.png> spacesuit holding a <img:crop1.png> helmet, with an "
+        "American flag and a rocket"
+    )
+    assert record.caption == CAPTION
+    assert [c["phrase"] for c in record.meta["crops"]] == ["orange spacesuit", "white helmet"]
+    record = stage2_record("astronaut", astronaut(), CAPTION, astronaut_detections(scores), rng=random.Random(0),
+                           subject="any", crop_replaces_words=["smiling", "orange"], min_side=0)
+    assert record.prompt == CAPTION.replace("A smiling woman", "A <img:crop0.png> woman")  # the largest box
+
+
 def test_stage1_crop_size_pads_to_square():
     detections = astronaut_detections({"woman": 0.5, "spacesuit": 0.5, "helmet": 0.5})
     record = stage1_record(
@@ -341,3 +378,26 @@ def test_stage2_without_a_person():
         "cat", cat, caption, found, rng=random.Random(0), control_probability=0.0
     )
     assert record.prompt == "a <img:crop0.png> tabby cat with <img:crop1.png> green eyes"
+
+
+def test_stage2_max_subjects_counts_every_detected_phrase_and_text_only_keeps_the_caption():
+    found = astronaut_detections()
+    kwargs = {"rng": random.Random(0), "max_subjects": 1}
+    # One person (the head is not a phrase of its own): kept. Five objects: skipped, counted.
+    assert stage2_record("astronaut", astronaut(), CAPTION, found, **kwargs).meta["crop_kind"] == "head"
+    skipped = Skipped()
+    assert stage2_record("astronaut", astronaut(), CAPTION, found, subject="any", skipped=skipped, **kwargs) is None
+    assert skipped.counts["too_many_subjects"] == 1
+    # A detection too small to crop still counts: the object is in the picture.
+    flag_only = [d for d in found if d.label in ("flag", "rocket")]
+    tiny_rocket = [d if d.label == "flag" else Detection(d.phrase, (350, 0, 352, 2), 1.0, d.label) for d in flag_only]
+    assert stage2_record("a", astronaut(), CAPTION, tiny_rocket, subject="any", **kwargs) is None
+    assert stage2_record("a", astronaut(), CAPTION, tiny_rocket[:1], subject="any", **kwargs).meta["crops"][0][
+        "phrase"] == "American flag"
+
+    text_only = stage2_record("astronaut", astronaut(), CAPTION, found, rng=random.Random(0), text_only_probability=1.0)
+    assert text_only.prompt == CAPTION and text_only.crops == {} and text_only.meta["text_only"]
+    assert text_only.meta["num_crops"] == 0 and text_only.caption == CAPTION
+    draws = [stage2_record(f"k{i}", astronaut(), CAPTION, found, rng=record_rng(f"k{i}"), text_only_probability=0.3)
+             for i in range(200)]
+    assert 40 <= sum(r.meta["text_only"] for r in draws) <= 80

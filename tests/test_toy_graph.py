@@ -2,16 +2,20 @@
 function as `python -m mumu_assets.materialize --all`: every asset materializes, every check
 passes, and the metadata says what each step did."""
 
+import json
 import math
+import re
+import tarfile
 from pathlib import Path
 
 import dagster as dg
+import pandas as pd
 import pytest
 
 from mumu_assets.definitions import build_definitions
 from mumu_assets.materialize import all_assets, materialize
 from mumu_assets.profiles import toy_resources
-from mumu_model.toy.world import write_colour_suite
+from mumu_model.toy.world import PALETTE, write_colour_suite
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -95,11 +99,34 @@ def test_data_metadata_is_sane(toy_run):
     assert sum(m["rows_out"] for m in stage2) > 0
     # Renders are PNG: JPEG would shift the colours the model must learn.
     assert list((data / "synthetic" / "images").glob("*.tar"))
-    import tarfile
-
     with tarfile.open(data / "captions" / "stage1" / "00000.tar") as tar:
         suffixes = {Path(name).suffix for name in tar.getnames()}
     assert ".png" in suffixes and ".jpg" not in suffixes
+
+
+def _records(shard: Path) -> list[dict]:
+    """Each record's JSON, with its key."""
+    with tarfile.open(shard) as tar:
+        return [{"key": m.name.split(".")[0], **json.loads(tar.extractfile(m).read())}
+                for m in tar.getmembers() if m.name.endswith(".json")]
+
+
+def test_toy_captions_have_the_held_out_prompts_form(toy_run):
+    _, _, data, _ = toy_run
+    # A crop stands for its object's colour: no colour word follows a crop (params.yaml).
+    colour_after_crop = re.compile(r"<img:crop\d\.png> (?:small |big )?(?:%s)\b" % "|".join(PALETTE))
+    stage1 = [r for shard in sorted((data / "captions" / "stage1").glob("*.tar")) for r in _records(shard)]
+    assert any(r["num_crops"] for r in stage1)
+    assert not [r["prompt"] for r in stage1 if colour_after_crop.search(r["prompt"])]
+    assert any(set(c["phrase"].split()) & set(PALETTE) for r in stage1 for c in r["crops"])  # words were dropped
+    # Stage 2 is images of one object, with its crop or text-only: the held-out prompts and their
+    # ablation. (A caption may still name two: a render missing an object that the filter kept.)
+    stage2 = [r for shard in sorted((data / "captions" / "stage2").glob("*.tar")) for r in _records(shard)]
+    boxes = pd.concat([pd.read_parquet(shard) for shard in sorted((data / "detections").glob("*.parquet"))])
+    objects = boxes.groupby("key")["start"].nunique()
+    assert stage2 and all(objects[r["key"]] == 1 for r in stage2)
+    assert (objects > 1).any()  # the images of several objects were there to be left out
+    assert all(r["num_crops"] == (0 if r["text_only"] else 1) for r in stage2)
 
 
 def test_pretrained_and_training_metadata(toy_run):

@@ -141,6 +141,12 @@ def test_prompts_cli_writes_one_prompt_per_line(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["prompts.txt"]  # no temp file left
 
 
+def test_toy_captions_drop_exactly_the_palettes_colour_words():
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert params["profile"] == "toy"
+    assert params["data"]["captions"]["crop_replaces_words"] == list(PALETTE)
+
+
 def test_committed_prompt_file_is_the_documented_command():
     committed = (REPO / "examples" / "prompts" / "toy_prompts.txt").read_text().splitlines()
     assert committed == make_prompts(6000, seed=0, colour_word_probability=0.15)

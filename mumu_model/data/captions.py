@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -69,7 +69,17 @@ def _check_member_name(name: str) -> None:
         raise ValueError(f"invalid crop member name {name!r}")
 
 
-def insert_crops(caption: str, crops: Sequence[tuple[Phrase, str]]) -> str:
+def without_words(phrase: str, words: Collection[str]) -> str:
+    """`phrase` without the whole words in `words` (case-insensitive), unless that would leave
+    nothing: the phrase's noun stays. Unchanged, whitespace and all, when none is present."""
+    drop = {word.casefold() for word in words}
+    kept = [word for word in phrase.split() if word.casefold() not in drop]
+    if not kept or len(kept) == len(phrase.split()):
+        return phrase
+    return " ".join(kept)
+
+
+def insert_crops(caption: str, crops: Sequence[tuple[Phrase, str]], crop_replaces_words: Collection[str] = ()) -> str:
     """The caption in the prompt text form with `<img:NAME> ` right before each phrase.
 
     Crops go in caption order whatever order they are given in; every literal `<` of the
@@ -77,6 +87,10 @@ def insert_crops(caption: str, crops: Sequence[tuple[Phrase, str]]) -> str:
     space it has in the caption ("a <img:crop0.png> man"): the text tokens stay those of the
     plain caption. Raises ValueError for a phrase that is not in the caption (its offsets do
     not point at its text), a phrase given twice, or a name the text form cannot hold.
+
+    `crop_replaces_words` (default none, the paper's rule) are words that a phrase loses when
+    its crop goes before it ("a <img:crop0.png> star" for "a red star" with the colour names):
+    the crop shows them, so the text no longer gives away what the model should take from it.
     """
     ordered = sorted(crops, key=lambda item: item[0].start)
     pieces: list[str] = []
@@ -87,9 +101,15 @@ def insert_crops(caption: str, crops: Sequence[tuple[Phrase, str]]) -> str:
             raise ValueError(f"phrase {phrase} is not in the caption {caption!r}")
         if index and phrase.start == ordered[index - 1][0].start:
             raise ValueError(f"two crops for the phrase {phrase.text!r} at {phrase.start}")
+        if phrase.start < position:
+            raise ValueError(f"the phrase {phrase.text!r} at {phrase.start} overlaps a phrase whose words were dropped")
         pieces.append(caption[position : phrase.start].replace("<", "<<"))
         pieces.append(f"<img:{name}> ")
         position = phrase.start
+        shown = without_words(phrase.text, crop_replaces_words)
+        if shown != phrase.text:
+            pieces.append(shown.replace("<", "<<"))
+            position = phrase.end
     pieces.append(caption[position:].replace("<", "<<"))
     return "".join(pieces)
 
@@ -290,6 +310,7 @@ def stage1_record(
     max_area_fraction: float = 0.75,
     head_probability: float = 0.7,
     text_only_probability: float = 0.0,
+    crop_replaces_words: Collection[str] = (),
     skipped: Skipped | None = None,
 ) -> CaptionRecord | None:
     """A stage-1 record from the detector's raw output for this image and caption.
@@ -309,6 +330,9 @@ def stage1_record(
     purpose. Real captions often have no usable box, so real data has text-only records; a
     world where every object is found (the toy renderer's boxes) needs them made, or the model
     never learns to draw from text alone and a text-only ablation falls below chance (SPEC §7).
+
+    `crop_replaces_words` (default none) are dropped from each phrase that gets a crop; see
+    `insert_crops`. The record's `caption` stays the full caption.
     """
     skipped = skipped if skipped is not None else Skipped()
     detections = _check_inputs(key, image, caption, detections, skipped)
@@ -352,7 +376,7 @@ def stage1_record(
     best = sorted(chosen, key=lambda d: (-d.score, d.phrase.start))[:limit]
     inserts, images, crops_meta = _cut_crops(key, target, best, crop_size, skipped)
 
-    prompt = insert_crops(caption, inserts)
+    prompt = insert_crops(caption, inserts, crop_replaces_words)
     if control_image is not None:
         prompt = f"<img:{CONTROL_NAME}>{CONTROL_PREFIX}{prompt}"
         images[CONTROL_NAME] = _conditioning_image(control_image, crop_size)
@@ -380,6 +404,9 @@ def stage2_record(
     max_area_fraction: float = 0.75,
     crop_size: int | None = None,
     subject: str = "person",
+    max_subjects: int | None = None,
+    text_only_probability: float = 0.0,
+    crop_replaces_words: Collection[str] = (),
     skipped: Skipped | None = None,
 ) -> CaptionRecord | None:
     """A stage-2 record: ONE high-resolution face or person crop, before the person's word.
@@ -394,12 +421,24 @@ def stage2_record(
 
     `subject="any"` takes the largest detected object of any kind instead: the rule for a
     world without people (the toy profile), where stage 2 is one crop at higher resolution.
+
+    `max_subjects` (default no limit) skips an image in which more phrases than that were
+    detected (persons, or any object), small ones included (counted as "too_many_subjects"):
+    the paper's stage 2 is images of one person, which `real_images.max_people` selects
+    upstream for photographs; a world with several objects per image selects here.
+    `text_only_probability` and `crop_replaces_words` as in `stage1_record`: a text-only
+    record is drawn after the tie-break, from the same images, with `meta["text_only"]`.
     """
     if subject not in ("person", "any"):
         raise ValueError(f"subject must be 'person' or 'any', got {subject!r}")
     skipped = skipped if skipped is not None else Skipped()
     detections = _check_inputs(key, image, caption, detections, skipped)
     if detections is None:
+        return None
+    # Counted before the size filter: an object too small to crop is still in the picture.
+    subjects = {d.phrase for d in detections if not d.phrase.auxiliary and (subject == "any" or is_person(d))}
+    if max_subjects is not None and len(subjects) > max_subjects:
+        skipped.add("too_many_subjects", key, f"{len(subjects)} > {max_subjects}")
         return None
     target = to_rgb(image)
     kept = filter_detections(
@@ -430,16 +469,20 @@ def stage2_record(
     largest = max(box_area(d.box) for d in candidates)
     ties = [d for d in candidates if math.isclose(box_area(d.box), largest)]
     chosen = ties[0] if len(ties) == 1 else rng.choice(ties)
+    text_only = text_only_probability > 0 and rng.random() < text_only_probability
 
-    inserts, images, crops_meta = _cut_crops(key, target, [chosen], crop_size, skipped)
-    if not inserts:
-        return None
+    inserts, images, crops_meta = [], {}, []
+    if not text_only:
+        inserts, images, crops_meta = _cut_crops(key, target, [chosen], crop_size, skipped)
+        if not inserts:
+            return None
     meta = {
         "stage": 2,
-        "num_crops": 1,
+        "num_crops": len(inserts),
         "crops": crops_meta,
-        "crop_kind": "head" if is_head(chosen) else ("person" if is_person(chosen) else "object"),
+        "crop_kind": None if text_only else "head" if is_head(chosen) else ("person" if is_person(chosen) else "object"),
+        "text_only": text_only,
         "image_size": list(target.size),
     }
-    return CaptionRecord(key, insert_crops(caption, inserts), images, target, caption, meta)
+    return CaptionRecord(key, insert_crops(caption, inserts, crop_replaces_words), images, target, caption, meta)
 
