@@ -352,7 +352,8 @@ def multimodal_captions_stage1(
 def multimodal_captions_stage2(
     context: dg.AssetExecutionContext, config: CaptionConfig, storage: DatasetStorage
 ) -> dg.MaterializeResult:
-    """Stage-2 training records: one high-resolution face or person crop per prompt."""
+    """Stage-2 training records: one high-resolution face or person crop per prompt (the toy
+    world: the object of a one-object image, or now and then none, text-only)."""
     shard = context.partition_key
     out = storage.path("captions", "stage2", f"{shard}.tar")
     result = steps.caption(
