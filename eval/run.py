@@ -473,7 +473,7 @@ def _generate_mumu(
         except Exception as err:  # noqa: BLE001 - one broken entry must not end the evaluation
             if len(chunk) > 1:  # one prompt at a time, to find the one that fails
                 return [result for prompt in chunk for result in generate([prompt])]
-            logger.exception("generating a prompt failed")
+            logger.exception("generating %r failed", chunk[0] if isinstance(chunk[0], str) else chunk[0].to_text())
             return [err]
 
     return [result for start in range(0, len(prompts), batch_size)

@@ -15,7 +15,7 @@ from transformers import Idefics2Config, Idefics2ImageProcessor, Idefics2Process
 from .adapter import MUMUAdapter
 from .config import PATCH_SIZE, ModelConfig
 from .encoder import MUMUEncoder, configure_processor
-from .pipeline import MUMUPipeline
+from .pipeline import MUMUPipeline, vae_scale_factor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -179,8 +179,7 @@ def build_pipeline(config: ModelConfig) -> MUMUPipeline:
     if config.sdxl is None:
         if vae is None:
             vae = tiny_vae(sample_size=config.resolution)
-        vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)  # each block after the first halves
-        unet = tiny_unet(sample_size=config.resolution // vae_scale, block_out_channels=config.unet_channels)
+        unet = tiny_unet(sample_size=config.resolution // vae_scale_factor(vae), block_out_channels=config.unet_channels)
         schedule = {**SDXL_SCHEDULE, "beta_schedule": config.noise_schedule}
         scheduler = DDIMScheduler(**schedule, prediction_type=config.prediction_type)
     else:

@@ -52,6 +52,11 @@ class MUMUPipelineOutput(BaseOutput):
     images: Union[list[PIL.Image.Image], np.ndarray, torch.Tensor]
 
 
+def vae_scale_factor(vae: AutoencoderKL) -> int:
+    """Pixels per latent cell along a side: each VAE block after the first halves the image."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 class MUMUPipeline(DiffusionPipeline):
     r"""Generate images from multimodal prompts (text with images inline).
 
@@ -77,7 +82,7 @@ class MUMUPipeline(DiffusionPipeline):
             encoder=encoder, processor=processor, adapter=adapter, unet=unet, vae=vae, scheduler=scheduler
         )
         self.register_to_config(max_images=max_images)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = vae_scale_factor(vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @property

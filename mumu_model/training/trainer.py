@@ -5,9 +5,9 @@ LoRA'd or fully trained (paper Table 1), the optimizer and LR schedule, the loss
 `Trainer` that runs steps, checkpoints, validates and writes the final pipeline.
 
 The loss is SDXL's: epsilon-prediction MSE (or v-prediction MSE when the pipeline's scheduler
-says `prediction_type="v_prediction"`, as the toy profile's does). Targets go through the VAE (posterior mean x
-scaling factor, `data.vae_latents`, optionally cached), t ~ U{0..999}, noise is added with
-the pipeline scheduler's training schedule (DDPM from its config), and the conditioning comes
+says `prediction_type="v_prediction"`, as the toy profile's does). Targets go through the VAE
+(posterior mean x scaling factor, `data.vae_latents`, optionally cached), t ~ U{0..999}, noise
+is added with the pipeline scheduler's training schedule (DDPM from its config), and the conditioning comes
 from `encode_inputs`, the one function sampling uses too: dropped prompts are the empty prompt,
 encoded exactly like the unconditional branch of classifier-free guidance.
 
