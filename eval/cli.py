@@ -56,6 +56,17 @@ def _print_summary(result) -> None:
 
 
 def cmd_eval_run(args: argparse.Namespace) -> None:
+    from mumu_model.cli import check_sampling, device_and_dtype
+
+    # Check the command line before any model is loaded.
+    device, dtype = device_and_dtype(args)
+    check_sampling(args.steps, args.guidance, {"--resolution": args.resolution}, args.model)
+    if args.batch_size < 1:
+        raise EvalUsageError(f"--batch-size {args.batch_size}: must be at least 1")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise EvalUsageError(f"--out {out}: exists and is not a folder")
+
     from .run import evaluate
     from .suites import builtin_suites, resolve_suites
 
@@ -68,15 +79,10 @@ def cmd_eval_run(args: argparse.Namespace) -> None:
             library.utils.logging.set_verbosity_error()
     suites = resolve_suites(args.suite) if args.suite else builtin_suites()
     mlflow_run: bool | str = False if args.no_mlflow else (args.run_id or True)
-    dtype = None
-    if args.dtype is not None:
-        import torch
-
-        dtype = getattr(torch, args.dtype)
     result = evaluate(
         args.model, suites, models=_models(args), steps=args.steps, guidance=args.guidance, seeds=args.seeds,
-        out_dir=Path(args.out), mlflow_run=mlflow_run, negative_prompt=args.negative_prompt,
-        resolution=args.resolution, device=args.device, dtype=dtype, tracking_uri=args.tracking_uri,
+        out_dir=out, mlflow_run=mlflow_run, negative_prompt=args.negative_prompt,
+        resolution=args.resolution, device=device, dtype=dtype, tracking_uri=args.tracking_uri,
         experiment=args.experiment, run_name=args.run_name, text_only_ablation=args.text_only_ablation,
         batch_size=args.batch_size,
     )
@@ -105,6 +111,8 @@ def cmd_eval_compare(args: argparse.Namespace) -> None:
 
 def add_eval_commands(subparsers) -> argparse.ArgumentParser:
     """Add `eval run` and `eval compare` to the `mumu` parser's subcommands."""
+    from mumu_model.cli import add_device_arguments
+
     evaluation = subparsers.add_parser("eval", help="evaluate a pipeline on prompt suites; compare runs")
     commands = evaluation.add_subparsers(dest="eval_command", required=True, metavar="COMMAND")
 
@@ -127,9 +135,7 @@ def add_eval_commands(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=1,
                      help="prompts per pipeline call, each with all its seeds (speed and memory only)")
     run.add_argument("--resolution", type=int, default=None, help="output side in pixels (default: native)")
-    run.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    run.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                     help="the pipelines' weights (default: as loaded, float32)")
+    add_device_arguments(run)
     run.add_argument("--models", default=None, help="YAML of EvalModels fields (clip, dino, pickscore, detector, face, sdxl, ...)")
     run.add_argument("--paper-models", action="store_true", help="start from the published checkpoints (hub ids)")
     for flag, meaning in (
@@ -156,6 +162,7 @@ def add_eval_commands(subparsers) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m eval.cli run ...`: the same commands, before they are wired into `mumu`."""
+    from mumu_model.cli import one_line
     from mumu_model.prompt import PromptError
 
     parser = argparse.ArgumentParser(prog="mumu")
@@ -164,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except (ValueError, PromptError, ImportError, FileNotFoundError) as err:
-        print(f"mumu: error: {err}", file=sys.stderr)
+        print(f"mumu: error: {one_line(err)}", file=sys.stderr)
         return 2
     return 0
 

@@ -51,6 +51,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from mumu_model.atomic import write_bytes_atomic
+from mumu_model.cli import resolve_device_dtype
 from mumu_model.data.detection import Detector
 from mumu_model.images import pad_to_square
 from mumu_model.pipeline import MUMUPipeline
@@ -256,10 +257,6 @@ def _load_scorers(models: EvalModels, device: str) -> _Scorers:
     return scorers
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def default_tracking_uri(out_dir: Path) -> str:
     """$MLFLOW_TRACKING_URI if set, else a sqlite file beside `out_dir` (as training does), so
     evaluations written next to each other land in one database to compare."""
@@ -284,7 +281,7 @@ def evaluate(
     negative_prompt: str | None = None,
     resolution: int | None = None,
     device: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
     tracking_uri: str | None = None,
     experiment: str = DEFAULT_EXPERIMENT,
     run_name: str | None = None,
@@ -305,6 +302,9 @@ def evaluate(
         mlflow_run: True starts a new run in `experiment`; a run id logs into that existing
             run (e.g. the training run being evaluated); False logs nothing.
         resolution: output side in pixels (default: the pipeline's native size).
+        device, dtype: where and in what the pipelines run, as `mumu_model.cli.resolve_device_dtype`
+            reads them (default: cuda in bfloat16 when available, else cpu in float32); a
+            loaded `MUMUPipeline` is used where and as it is.
         tracking_uri: default `default_tracking_uri(out_dir)`.
         text_only_ablation: also generate each entry that has images with its images removed
             (same seeds and sampling) and score those rows too (`variant` "text_only"; summary
@@ -324,7 +324,7 @@ def evaluate(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = device or _default_device()
+    device, dtype = resolve_device_dtype(device, dtype)
     out_dir = Path(out_dir)
 
     # 1. Fail fast: the pipeline folder, the suite files, the metric models.
@@ -406,6 +406,7 @@ def evaluate(
         "scheduler": scheduler_class.__name__,
         "resolution": str(size),
         "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
         "text_only_ablation": str(bool(text_only_ablation)),
         **{f"suite.{s.name}.version": s.version for s in loaded_suites},
         **{f"suite.{s.name}.sha256": s.sha256[:16] for s in loaded_suites},

@@ -49,6 +49,10 @@ class EvaluationConfig(dg.Config):
     # Also generate each prompt with its images removed and score it apart (`_text_only` metrics).
     text_only_ablation: bool = E.get("text_only_ablation", False)
     batch_size: int = E.get("batch_size", 1)  # prompts per pipeline call (speed and memory only)
+    # Where and in what the pipelines run: cpu, cuda, cuda:N, mps; float32, bfloat16, float16.
+    # None: cuda in bfloat16 when CUDA is available, else cpu in float32.
+    device: str | None = E.get("device", None)
+    dtype: str | None = E.get("dtype", None)
 
 
 @dg.asset(group_name="evaluation", deps=[stage1_model, stage2_model, dg.AssetKey("scorer_model")], kinds={"mlflow"})
@@ -59,13 +63,19 @@ def evaluation(
     """DreamBench metrics, multimodal CLIP score, PickScore, face consistency and text adherence
     per suite; a summary table and grids here, the same in MLflow for `mumu eval compare`."""
     from eval.run import evaluate
+    from mumu_model.cli import resolve_device_dtype
 
+    try:  # a bad value fails here, before anything is loaded, naming the config field
+        device, dtype = resolve_device_dtype(config.device, config.dtype)
+    except ValueError as err:
+        raise dg.Failure(description=f"evaluation config: {err}") from None
+    context.log.info(f"evaluating on {device} in {str(dtype).removeprefix('torch.')}")
     out_dir = storage.path("evaluation", context.run_id)
     result = evaluate(
         config.pipeline, [Path(s) for s in config.suites], models=eval_models.models(), steps=config.steps,
         guidance=config.guidance, seeds=tuple(config.seeds), out_dir=out_dir, resolution=config.resolution,
         tracking_uri=config.tracking_uri, run_name=f"eval-{context.run_id[:8]}",
-        text_only_ablation=config.text_only_ablation, batch_size=config.batch_size,
+        text_only_ablation=config.text_only_ablation, batch_size=config.batch_size, device=device, dtype=dtype,
     )
     summary = pd.DataFrame(result.suites).T
     summary.loc["aggregate"] = pd.Series(result.aggregate)
@@ -75,6 +85,7 @@ def evaluation(
         "error_examples": dg.MetadataValue.json([str(e) for e in result.errors[:10]]),
         "mlflow_run_id": dg.MetadataValue.text(result.run_id or ""),
         "out_dir": dg.MetadataValue.path(str(result.out_dir)),
+        "device": dg.MetadataValue.text(f"{device} {str(dtype).removeprefix('torch.')}"),
         "rows": preview(result.rows.drop(columns=[c for c in ("image",) if c in result.rows]), rows=8),
     }
     grids = sorted(Path(result.out_dir).rglob("*.png"))

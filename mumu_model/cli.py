@@ -8,36 +8,173 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
+import math
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
+if TYPE_CHECKING:
+    import torch
 
-class UsageError(Exception):
+
+class UsageError(ValueError):
     """A mistake of the user's, reported in one line."""
 
 
+# The weight dtypes a pipeline runs in, by name; the same three as `build.DTYPES` (kept here as
+# names so that checking a command line does not import diffusers and transformers).
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+_DEVICE_HELP = "use cpu, cuda, cuda:N, mps or auto"
+
+
+def resolve_device_dtype(
+    device: str | None = None, dtype: str | torch.dtype | None = None
+) -> tuple[str, torch.dtype]:
+    """The device and weight dtype to run a pipeline in, from what a user typed.
+
+    `device`: "cpu", "cuda", "cuda:N", "mps", or None / "auto" for cuda when
+    `torch.cuda.is_available()`, else cpu. `dtype`: "float32", "bfloat16" or "float16" (also
+    fp32, bf16, fp16) or a `torch.dtype`; None: bfloat16 on cuda, float32 elsewhere.
+
+    Returns (device string, torch dtype). Raises `ValueError`, in one line naming the value, for
+    an unknown device or dtype, a device this machine does not have, or float16 on the CPU
+    (many CPU kernels lack it; bfloat16 works there).
+    """
+    import torch
+
+    name = "auto" if device is None else str(device).strip()
+    if name.lower() == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(name.lower())
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device {device!r}: not a device; {_DEVICE_HELP}") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine; use cpu")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {device!r}: MPS is not available on this machine; use cpu")
+    elif parsed.type != "cpu":
+        raise ValueError(f"device {device!r}: not supported; {_DEVICE_HELP}")
+
+    if dtype is None:
+        resolved = torch.bfloat16 if parsed.type == "cuda" else torch.float32
+    elif isinstance(dtype, torch.dtype):
+        resolved = dtype
+    else:
+        key = str(dtype).strip().lower().removeprefix("torch.")
+        key = _DTYPE_ALIASES.get(key, key)
+        if key not in DTYPE_NAMES:
+            raise ValueError(f"dtype {dtype!r}: unknown; use {', '.join(DTYPE_NAMES)}")
+        resolved = getattr(torch, key)
+    if resolved not in tuple(getattr(torch, n) for n in DTYPE_NAMES):
+        raise ValueError(f"dtype {dtype!r}: unsupported; use {', '.join(DTYPE_NAMES)}")
+    if resolved == torch.float16 and parsed.type == "cpu":
+        raise ValueError(f"dtype float16 on device {str(parsed)!r}: not supported on the CPU; use float32 or bfloat16")
+    return str(parsed), resolved
+
+
+def pipeline_size_multiple(folder: str | os.PathLike) -> int | None:
+    """What a pipeline folder's output height and width must be multiples of, read from its VAE
+    and UNet configs without loading weights (the pipeline checks the same once loaded).
+
+    None when the folder does not say (a hub id, a missing or unreadable config).
+    """
+    folder = Path(folder)
+    try:
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        # Each VAE block after the first halves the image; so does each UNet level after the first.
+        return 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_sampling(
+    steps: int, guidance: float, sizes: Mapping[str, int | None], pipeline_dir: str | os.PathLike | None
+) -> None:
+    """Refuse sampling settings no pipeline accepts, before one is loaded.
+
+    `sizes` maps a flag (e.g. "--height") to its value (None: the model's native size).
+    """
+    if steps < 1:
+        raise UsageError(f"--steps {steps}: must be at least 1")
+    if not math.isfinite(guidance) or guidance < 0:
+        raise UsageError(f"--guidance {guidance}: must be a number >= 0 (values <= 1 turn guidance off)")
+    multiple = pipeline_size_multiple(pipeline_dir) if pipeline_dir is not None else None
+    for flag, value in sizes.items():
+        if value is None:
+            continue
+        if value < 1:
+            raise UsageError(f"{flag} {value}: must be a positive number of pixels")
+        if multiple is not None and value % multiple:
+            raise UsageError(f"{flag} {value}: this model's output sides must be multiples of {multiple}")
+
+
+def check_output_file(flag: str, path: Path) -> None:
+    """Refuse an output file that could not be written: a folder, or under a path that is a file
+    or not writable (missing folders are created)."""
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a folder; give a file name, e.g. {path / 'sample.png'}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: cannot write in {parent}")
+
+
+def device_and_dtype(args: argparse.Namespace) -> tuple[str, torch.dtype]:
+    """`resolve_device_dtype` of a command's `--device` and `--dtype`; errors name the flag."""
+    try:
+        return resolve_device_dtype(args.device, args.dtype)
+    except ValueError as err:  # "device 'gpu': ..." -> "--device 'gpu': ..."
+        raise UsageError(f"--{err}") from None
+
+
 def _pipeline_source(model: str) -> str:
+    """A local pipeline folder, checked complete without loading it, or a hub id."""
     path = Path(model)
     if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise UsageError(f"--model {model}: not a MUMU pipeline folder (no model_index.json)")
+        from eval.run import PipelineFolderError, check_pipeline_folder
+
+        try:
+            check_pipeline_folder(path)
+        except PipelineFolderError as err:
+            raise UsageError(f"--model: {err}") from None
         return str(path)
     if model.count("/") == 1 and not model.startswith((".", "/")):
         return model  # a hub id, for users who have network access
     raise UsageError(f"--model {model}: no such folder")
 
 
-def _load_pipeline(model: str):
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype | None = None):
+    """Load the pipeline in `dtype` (None: as saved) and move it to `device`."""
     from .pipeline import MUMUPipeline
 
     source = _pipeline_source(model)
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     try:
-        return MUMUPipeline.from_pretrained(source)
+        pipe = MUMUPipeline.from_pretrained(source, **kwargs)
     except (OSError, ValueError, KeyError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"--model {model}: cannot load the pipeline: {first_line}") from err
+        raise UsageError(f"--model {model}: cannot load the pipeline: {_first_line(err)}") from err
+    return pipe.to(device)
 
 
 def _silence_libraries() -> None:
@@ -63,18 +200,25 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .atomic import write_bytes_atomic
     from .prompt import MultimodalPrompt
 
+    # Check everything before loading the model, so a mistake fails at once; the pipeline checks
+    # the number of images against its own limit.
+    device, dtype = device_and_dtype(args)
+    source = _pipeline_source(args.model)
+    check_sampling(args.steps, args.guidance, {"--height": args.height, "--width": args.width},
+                   source if Path(source).is_dir() else None)
     out = Path(args.out)
     image_format = _image_format(out)
+    check_output_file("--out", out)
     image_root = Path(args.image_root)
-    # Parse before loading the model, so a bad prompt fails at once; the pipeline checks the
-    # number of images against its own limit.
+    if not image_root.is_dir():
+        raise UsageError(f"--image-root {image_root}: no such folder")
     prompt = MultimodalPrompt.from_text(args.prompt, image_root, max_images=None)
     negative = None
     if args.negative_prompt is not None:
         negative = MultimodalPrompt.from_text(args.negative_prompt, image_root, max_images=None)
     if args.quiet:
         _silence_libraries()
-    pipe = _load_pipeline(args.model)
+    pipe = _load_pipeline(args.model, device, dtype)
     pipe.set_progress_bar_config(disable=args.quiet)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     image = pipe(
@@ -89,7 +233,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     buffer = io.BytesIO()
     image.save(buffer, format=image_format)
     write_bytes_atomic(out, buffer.getvalue())
-    print(f"wrote {out} ({image.width}x{image.height}, {args.steps} steps, guidance {args.guidance}, seed {args.seed})")
+    print(f"wrote {out} ({image.width}x{image.height}, {args.steps} steps, guidance {args.guidance}, seed {args.seed}, "
+          f"{device} {str(dtype).removeprefix('torch.')})")
 
 
 def cmd_init(args: argparse.Namespace) -> None:
@@ -111,22 +256,65 @@ def cmd_init(args: argparse.Namespace) -> None:
     )
 
 
-def cmd_lora_merge(args: argparse.Namespace) -> None:
-    from .lora import merge_lora_into_pipeline
+def _check_unet_folder(flag: str, value: str) -> None:
+    """An SDXL UNet folder, or a pipeline folder with a unet/ subfolder, with safetensors weights."""
+    path = Path(value)
+    if not path.exists():
+        raise UsageError(f"{flag} {value}: no such folder")
+    if not path.is_dir():
+        raise UsageError(f"{flag} {value}: not a folder (give an SDXL pipeline or UNet folder)")
+    unet = path / "unet" if (path / "unet").is_dir() else path
+    if not (unet / "config.json").is_file():
+        raise UsageError(f"{flag} {value}: not a UNet folder (no config.json, nor unet/config.json)")
+    if not any(unet.glob("*.safetensors")):
+        # Never fall back to pickle weights, which can run code when loaded.
+        raise UsageError(f"{flag} {value}: no .safetensors weights in {unet}")
 
+
+def cmd_lora_merge(args: argparse.Namespace) -> None:
+    from .lora import merge_lora_into_pipeline, resolve_lora_file
+
+    # Every input is checked before the (large) UNet and pipeline are loaded.
     _pipeline_source(args.model)
-    for flag, value in (("--lora", args.lora), ("--unet", args.unet)):
-        if not Path(value).exists():
-            raise UsageError(f"{flag} {value}: no such file or folder")
-    merge_lora_into_pipeline(args.model, args.lora, args.unet, args.out, scale=args.scale)
+    if not Path(args.lora).exists():
+        raise UsageError(f"--lora {args.lora}: no such file or folder")
+    try:
+        resolve_lora_file(args.lora)
+    except ValueError as err:
+        raise UsageError(f"--lora {args.lora}: {err}") from None
+    _check_unet_folder("--unet", args.unet)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    if not math.isfinite(args.scale):
+        raise UsageError(f"--scale {args.scale}: must be a finite number")
+    _silence_libraries()  # their warnings would bury the one line a mistake ends with
+    try:
+        merge_lora_into_pipeline(args.model, args.lora, args.unet, args.out, scale=args.scale)
+    except (OSError, ValueError, KeyError) as err:  # unreadable weights, mismatched architectures
+        raise UsageError(f"cannot merge: {_first_line(err)}") from err
     print(f"wrote {args.out}: {args.model} with UNet {args.unet} + LoRA {args.lora} (scale {args.scale})")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .training.trainer import TrainingDiverged, run
-
     if not Path(args.config).is_file():
         raise UsageError(f"{args.config}: no such config file")
+    if args.world_size is not None:
+        if not args.dry_run:
+            raise UsageError("--world-size is only used with --dry-run (a real run takes torchrun's)")
+        if args.world_size < 1:
+            raise UsageError(f"--world-size {args.world_size}: must be at least 1")
+    if args.dry_run:
+        from .training.config import load_train_config
+
+        config = load_train_config(args.config, args.set)  # a bad config fails before the heavy import
+        from .training.sizing import dry_run_report
+
+        print(dry_run_report(config, world_size=args.world_size))
+        return
+
+    from .training.trainer import TrainingDiverged, run
+
     try:
         result = run(args.config, args.set, resume=args.resume)
     except TrainingDiverged as err:  # a run that went wrong, not a usage mistake: status 1
@@ -138,8 +326,23 @@ def cmd_train(args: argparse.Namespace) -> None:
               + (f" and {result.unet_lora_dir}" if result.unet_lora_dir else ""))
 
 
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--device` and `--dtype`, resolved by `resolve_device_dtype`."""
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:N, mps or auto (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default=None,
+                        help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad command line in one line, like every other mistake (subcommands inherit it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"mumu: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mumu", description="MUMU: generate images from multimodal prompts (text with images inline)."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -160,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--height", type=int, default=None, help="default: the model's native size")
     generate.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    add_device_arguments(generate)
     generate.add_argument("--quiet", action="store_true", help="no progress bar")
     generate.set_defaults(func=cmd_generate)
 
@@ -189,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config field, e.g. --set max_steps=100 --set shards=data/captions/stage1",
     )
     train.add_argument("--resume", default=None, help="'latest' or a checkpoint folder (output_dir/checkpoints/step-N)")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check the config, print its sizing report and train nothing")
+    train.add_argument("--world-size", type=int, default=None, metavar="N",
+                       help="with --dry-run: size the run for N processes")
     train.set_defaults(func=cmd_train)
 
     lora = commands.add_parser("lora", help="UNet LoRA tools").add_subparsers(dest="lora_command", required=True)
@@ -209,18 +417,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(err: BaseException) -> str:
+    """An error message on one line (a library's message may span several)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .prompt import PromptError
-
     try:
         args.func(args)
-    except (UsageError, PromptError) as err:
-        print(f"mumu: error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:  # config and argument validation in the library
-        print(f"mumu: error: {err}", file=sys.stderr)
+    # Usage mistakes (UsageError, PromptError), and config and argument validation in the library.
+    except ValueError as err:
+        print(f"mumu: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mumu: interrupted", file=sys.stderr)

@@ -17,6 +17,14 @@ same architecture) without retraining. This module provides:
   every mismatch is a clear ``ValueError`` *before* any weight is touched.
 - :func:`merge_lora_into_pipeline` -- a MUMU pipeline folder whose UNet is a community UNet plus
   the MUMU LoRA.
+- :func:`combine_unet_loras` (and ``export_unet_lora(..., previous=...)``) -- MUMU trains in
+  stages, each starting from the previous stage's *merged* UNet with a fresh LoRA. Merging only
+  the last stage's LoRA into a community UNet would lose the earlier stages, so the exported LoRA
+  is the exact concatenation of every stage's LoRA: the whole change from the base UNet.
+  For stages of ranks r1, r2 on one layer the result has rank r1 + r2 with
+  ``A = [A1; A2]`` and ``B = [s1*B1, s2*B2]`` (``s = alpha/r`` of each stage folded into B), so
+  ``B @ A = s1*B1@A1 + s2*B2@A2`` and the written ``alpha`` equals the rank (scale 1).
+  :func:`lora_provenance` reads which stages a LoRA file carries.
 """
 
 from __future__ import annotations
@@ -25,11 +33,13 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import uuid
+from collections import Counter
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -48,6 +58,8 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 #: safetensors metadata key under which diffusers stores the (prefixed) ``LoraConfig``.
 LORA_METADATA_KEY = "lora_adapter_metadata"
 UNET_PREFIX = "unet"
+#: safetensors metadata key of MUMU's own record: the stages a LoRA carries and its base UNet.
+MUMU_METADATA_KEY = "mumu_lora"
 
 # Key suffixes of the LoRA formats we understand -> role. Longer suffixes first.
 _A_SUFFIXES = (".lora_linear_layer.down.weight", ".lora.down.weight", ".lora_down.weight", ".lora_A.weight")
@@ -103,17 +115,13 @@ def has_peft_layers(module: nn.Module) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def export_unet_lora(unet, out_dir, adapter_name: str = "default") -> Path:
-    """Write ``unet``'s LoRA adapter ``adapter_name`` to ``out_dir`` in the diffusers format.
+def unet_lora_state(unet, adapter_name: str = "default") -> tuple[dict[str, dict], dict]:
+    """``unet``'s LoRA adapter ``adapter_name`` in memory, as :func:`load_unet_lora` reads a file.
 
-    The folder holds ``pytorch_lora_weights.safetensors`` with keys
-    ``unet.<module>.lora.{down,up}.weight`` and the adapter's ``LoraConfig`` in the safetensors
-    metadata (``lora_adapter_metadata``), which ``load_lora_weights`` / ``load_lora_adapter`` use
-    to rebuild the config, so alpha and rank both survive. The write is atomic: everything goes to
-    a temporary sibling folder that is renamed into place (an existing ``out_dir`` is replaced).
+    Returns ``(modules, config)``: ``modules`` maps a UNet module name to ``{"A", "B", "alpha"}``
+    (CPU copies; ``alpha`` is None, the alpha lives in ``config``), ``config`` is the adapter's
+    ``LoraConfig`` as a JSON-ready dict.
     """
-    from diffusers import StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     peft_config = getattr(unet, "peft_config", None) or {}
@@ -129,23 +137,63 @@ def export_unet_lora(unet, out_dir, adapter_name: str = "default") -> Path:
     state_dict = get_peft_model_state_dict(unet, adapter_name=adapter_name)
     if not state_dict:
         raise ValueError(f"the UNet's adapter {adapter_name!r} has no LoRA weights")
-    state_dict = convert_state_dict_to_diffusers(state_dict)
     # safetensors refuses tensors that share memory or are non-contiguous views.
     state_dict = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    metadata = _jsonable(config.to_dict())
+    modules = _parse_lora_tensors(state_dict, f"UNet adapter {adapter_name!r}")
+    return modules, _jsonable(config.to_dict())
 
+
+def export_unet_lora(
+    unet,
+    out_dir,
+    adapter_name: str = "default",
+    previous: str | os.PathLike | None = None,
+    base: str | None = None,
+) -> Path:
+    """Write ``unet``'s LoRA adapter ``adapter_name`` to ``out_dir`` in the diffusers format.
+
+    The folder holds ``pytorch_lora_weights.safetensors`` with keys
+    ``unet.<module>.lora.{down,up}.weight`` and the adapter's ``LoraConfig`` in the safetensors
+    metadata (``lora_adapter_metadata``), which ``load_lora_weights`` / ``load_lora_adapter`` use
+    to rebuild the config, so alpha and rank both survive. The write is atomic: everything goes to
+    a temporary sibling folder that is renamed into place (an existing ``out_dir`` is replaced).
+
+    ``previous``: the exported LoRA (folder or file) of the stage(s) whose merged UNet this adapter
+    was trained on. With it, the file written is ``combine_unet_loras([previous, (unet,
+    adapter_name)], out_dir)``: one LoRA holding every stage, relative to the UNet the first stage
+    was trained on (see :func:`combine_unet_loras` for its rank and alpha). Without it, the adapter
+    is written as it is: a one-stage LoRA relative to the UNet it was trained on.
+
+    ``base``: what that UNet is (a model folder or hub id), recorded in the ``mumu_lora``
+    metadata (see :func:`lora_provenance`); with ``previous`` it defaults to the base recorded there.
+    """
+    if previous is not None:
+        return combine_unet_loras([previous, (unet, adapter_name)], out_dir, base=base)
+    modules, config = unet_lora_state(unet, adapter_name)
+    provenance = {"base": base, "stages": [_stage_record(modules, config, source=None)]}
+    return _save_unet_lora(out_dir, modules, config, provenance)
+
+
+def _save_unet_lora(out_dir, modules: Mapping[str, dict], config: dict, provenance: dict) -> Path:
+    """Write ``modules`` as diffusers' ``save_lora_weights`` would, plus MUMU's provenance record.
+
+    Written directly (not through ``save_lora_weights``) because that cannot add metadata keys;
+    the tensors' keys and the ``lora_adapter_metadata`` / ``format`` entries are the same.
+    """
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, entry in sorted(modules.items()):
+        tensors[f"{UNET_PREFIX}.{name}.lora.down.weight"] = entry["A"].detach().to("cpu").contiguous().clone()
+        tensors[f"{UNET_PREFIX}.{name}.lora.up.weight"] = entry["B"].detach().to("cpu").contiguous().clone()
+    packed = {f"{UNET_PREFIX}.{k}": v for k, v in _jsonable(config).items()}
+    metadata = {
+        "format": "pt",
+        LORA_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True),
+        MUMU_METADATA_KEY: json.dumps(_jsonable(provenance), sort_keys=True),
+    }
     out_dir = Path(out_dir)
-
-    def write(tmp: Path) -> None:
-        StableDiffusionXLPipeline.save_lora_weights(
-            str(tmp),
-            unet_lora_layers=state_dict,
-            safe_serialization=True,
-            weight_name=LORA_WEIGHT_NAME,
-            unet_lora_adapter_metadata=metadata,
-        )
-
-    _write_dir_atomically(out_dir, write)
+    _write_dir_atomically(out_dir, lambda tmp: save_file(tensors, str(tmp / LORA_WEIGHT_NAME), metadata=metadata))
     return out_dir
 
 
@@ -232,18 +280,7 @@ def load_unet_lora(lora_dir_or_file) -> tuple[Path, dict[str, dict], dict]:
     prefix) to ``{"A": tensor, "B": tensor, "alpha": float | None}`` and ``config`` is the stored
     ``LoraConfig`` dict of the UNet (empty if the file carries none).
     """
-    from safetensors import SafetensorError, safe_open
-
-    file = resolve_lora_file(lora_dir_or_file)
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            raw_meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"LoRA file {file} is not a readable safetensors file: {e}") from e
-    if not tensors:
-        raise ValueError(f"LoRA file {file} contains no tensors")
-
+    file, tensors, raw_meta = _read_lora_file(lora_dir_or_file)
     config: dict = {}
     if raw_meta.get(LORA_METADATA_KEY):
         try:
@@ -252,12 +289,59 @@ def load_unet_lora(lora_dir_or_file) -> tuple[Path, dict[str, dict], dict]:
             raise ValueError(f"LoRA file {file} has unreadable {LORA_METADATA_KEY} metadata: {e}") from e
         prefixed = {k[len(UNET_PREFIX) + 1 :]: v for k, v in packed.items() if k.startswith(UNET_PREFIX + ".")}
         config = prefixed or ({} if any("." in k for k in packed) else packed)
+    modules = _parse_lora_tensors(tensors, f"LoRA file {file}")
+    _check_config(config, f"LoRA file {file}")
+    return file, modules, config
 
+
+def lora_provenance(lora_dir_or_file) -> dict | None:
+    """MUMU's record of what an exported UNet LoRA holds, or None if the file carries none.
+
+    ``{"base": str | None, "stages": [{"rank", "alpha", "modules", "source"}, ...]}``: the
+    training stages concatenated in it, first to last (``rank``/``alpha``: the stage's most
+    common rank and its alpha, ``source``: the file it was read from, None if it came from a
+    model in memory), and ``base``, the UNet the whole LoRA is relative to, if the exporter was
+    told. Every LoRA written by :func:`export_unet_lora` / :func:`combine_unet_loras` carries it;
+    one written by another tool does not (it is then a single LoRA of unknown history).
+    """
+    file, _, raw_meta = _read_lora_file(lora_dir_or_file, tensors=False)
+    raw = raw_meta.get(MUMU_METADATA_KEY)
+    if not raw:
+        return None
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"LoRA file {file} has unreadable {MUMU_METADATA_KEY} metadata: {e}") from e
+    if not isinstance(record, dict) or not isinstance(record.get("stages"), list) or not record["stages"]:
+        raise ValueError(f"LoRA file {file}: {MUMU_METADATA_KEY} metadata has no list of stages")
+    return record
+
+
+def _read_lora_file(lora_dir_or_file, tensors: bool = True) -> tuple[Path, dict[str, torch.Tensor], dict]:
+    """``(file, tensors, metadata)`` of a safetensors LoRA (``tensors`` empty if not asked for)."""
+    from safetensors import SafetensorError, safe_open
+
+    file = resolve_lora_file(lora_dir_or_file)
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            raw_meta = f.metadata() or {}
+            keys = list(f.keys())
+            loaded = {k: f.get_tensor(k) for k in keys} if tensors else {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"LoRA file {file} is not a readable safetensors file: {e}") from e
+    if not keys:
+        raise ValueError(f"LoRA file {file} contains no tensors")
+    return file, loaded, raw_meta
+
+
+def _parse_lora_tensors(tensors: Mapping[str, torch.Tensor], where: str) -> dict[str, dict]:
+    """Group a flat LoRA state dict (diffusers, peft or kohya key names; an optional ``unet.``
+    prefix) into ``{module: {"A", "B", "alpha"}}``; ``where`` names the source in errors."""
     # Keep the UNet's part of the file: the "unet." keys if any are prefixed, else all of them.
     if any(k.startswith(UNET_PREFIX + ".") for k in tensors):
         skipped = sorted(k for k in tensors if not k.startswith(UNET_PREFIX + "."))
         if skipped:
-            logger.warning("LoRA file %s: ignoring %d non-UNet keys (e.g. %s)", file, len(skipped), skipped[0])
+            logger.warning("%s: ignoring %d non-UNet keys (e.g. %s)", where, len(skipped), skipped[0])
         tensors = {k[len(UNET_PREFIX) + 1 :]: v for k, v in tensors.items() if k.startswith(UNET_PREFIX + ".")}
 
     modules: dict[str, dict] = {}
@@ -268,7 +352,7 @@ def load_unet_lora(lora_dir_or_file) -> tuple[Path, dict[str, dict], dict]:
                 break
         else:
             raise ValueError(
-                f"LoRA file {file}: key {key!r} is not a LoRA A/B/alpha weight "
+                f"{where}: key {key!r} is not a LoRA A/B/alpha weight "
                 "(DoRA magnitudes, LoRA biases and other adapter types are not supported)"
             )
         name = key[: -len(suffix)]
@@ -277,12 +361,15 @@ def load_unet_lora(lora_dir_or_file) -> tuple[Path, dict[str, dict], dict]:
     for name, entry in modules.items():
         if entry["A"] is None or entry["B"] is None:
             missing = "down/A" if entry["A"] is None else "up/B"
-            raise ValueError(f"LoRA file {file}: module {name!r} has no {missing} weight")
+            raise ValueError(f"{where}: module {name!r} has no {missing} weight")
+    return modules
+
+
+def _check_config(config: Mapping, where: str) -> None:
     if config.get("use_dora"):
-        raise ValueError(f"LoRA file {file} is a DoRA adapter, which merge_unet_lora does not support")
+        raise ValueError(f"{where} is a DoRA adapter, which the MUMU LoRA merge does not support")
     if config.get("fan_in_fan_out"):
-        raise ValueError(f"LoRA file {file} has fan_in_fan_out=True, which no diffusers UNet layer uses")
-    return file, modules, config
+        raise ValueError(f"{where} has fan_in_fan_out=True, which no diffusers UNet layer uses")
 
 
 def _lora_scaling(name: str, rank: int, entry: dict, config: dict) -> float:
@@ -426,14 +513,189 @@ def merge_lora_into_pipeline(pipeline_dir, lora_path, unet_path, out_dir, scale:
     return out_dir
 
 
+# --------------------------------------------------------------------------------------------
+# Combining the LoRAs of successive training stages
+# --------------------------------------------------------------------------------------------
+
+#: What :func:`combine_unet_loras` takes as one stage: an exported LoRA (folder or .safetensors
+#: file), a UNet carrying the peft adapter "default", ``(unet, adapter_name)``, or an in-memory
+#: ``(state_dict, lora_config_dict)`` (any key format :func:`load_unet_lora` reads).
+LoraSource = Union[str, os.PathLike, nn.Module, tuple]
+
+
+def concat_lora_modules(
+    stages: Sequence[tuple[Mapping[str, dict], Mapping]], labels: Sequence[str] | None = None
+) -> dict[str, dict]:
+    """Concatenate the LoRAs of successive stages into one whose delta is the sum of theirs.
+
+    ``stages``: ``(modules, config)`` pairs as :func:`load_unet_lora` / :func:`unet_lora_state`
+    return them, first stage first; ``labels`` name them in errors (default "stage 1", ...).
+    For a module adapted by stages of ranks r1, r2 (scales s = alpha/r, or alpha/sqrt(r) with
+    rsLoRA), the result has rank r1 + r2, ``A = [A1; A2]`` (rows) and ``B = [s1*B1, s2*B2]``
+    (columns), so ``B @ A == s1*B1@A1 + s2*B2@A2``: the scales are folded into B, and the
+    result's alpha equals its rank (scale 1, also what diffusers and kohya assume of a LoRA
+    without alpha). A module adapted by one stage only is kept, its scale folded likewise.
+    Tensors keep the inputs' promoted dtype; the folding multiplies in float32.
+    Returns ``{module: {"A", "B", "alpha": rank}}``, sorted by module name.
+    """
+    if not stages:
+        raise ValueError("no LoRA stages to combine")
+    labels = list(labels) if labels is not None else [f"stage {i + 1}" for i in range(len(stages))]
+    if len(labels) != len(stages):
+        raise ValueError(f"{len(labels)} labels for {len(stages)} LoRA stages")
+
+    parts: dict[str, list[tuple[str, torch.Tensor, torch.Tensor, float]]] = {}
+    for label, (modules, config) in zip(labels, stages):
+        for name, entry in modules.items():
+            A, B = entry["A"], entry["B"]
+            _check_factors(label, name, A, B)
+            scaling = _lora_scaling(name, A.shape[0], entry, dict(config or {}))
+            parts.setdefault(name, []).append((label, A, B, scaling))
+
+    combined = {}
+    for name in sorted(parts):
+        first_label, first_A, first_B, _ = parts[name][0]
+        for label, A, B, _ in parts[name][1:]:
+            if _delta_shape(A, B) != _delta_shape(first_A, first_B):
+                raise ValueError(
+                    f"LoRA stages disagree on module {name!r}: {first_label} changes a weight of shape "
+                    f"{_delta_shape(first_A, first_B)}, {label} one of shape {_delta_shape(A, B)}; "
+                    "were they trained on UNets of the same architecture?"
+                )
+        dtype = first_A.dtype
+        for _, A, B, _ in parts[name]:
+            dtype = torch.promote_types(torch.promote_types(dtype, A.dtype), B.dtype)
+        A = torch.cat([A.detach().to("cpu", dtype) for _, A, _, _ in parts[name]], dim=0)
+        B = torch.cat(
+            [(B.detach().to("cpu", torch.float32) * s).to(dtype) for _, _, B, s in parts[name]], dim=1
+        )
+        combined[name] = {"A": A, "B": B, "alpha": float(A.shape[0])}
+    return combined
+
+
+def combine_unet_loras(sources: Sequence[LoraSource], out_dir, base: str | None = None) -> Path:
+    """Write one UNet LoRA to ``out_dir`` that carries every stage in ``sources``, in order.
+
+    Stage k's LoRA must have been trained on the UNet of stage k-1 with its LoRA merged (as MUMU's
+    stage 2 starts from stage 1's merged pipeline); the written LoRA is then the whole change
+    from the UNet the first stage was trained on, so merging it into a community fine-tune of
+    that UNet carries every stage. The arithmetic is exact (see :func:`concat_lora_modules`):
+    per module, rank = the sum of the stages' ranks, alpha = rank (scale 1). The format is
+    :func:`export_unet_lora`'s; modules whose rank differs from the most common one are listed in
+    the stored ``LoraConfig``'s ``rank_pattern`` and ``alpha_pattern`` (anchored, escaped module
+    names), so ``load_lora_weights`` builds each layer with its own rank and scale 1.
+
+    A source that is itself a combined LoRA contributes all its stages. ``base`` is recorded as
+    the UNet the result is relative to; by default the first source's recorded base. Every
+    source is read and checked before anything is written; the write is atomic. Returns
+    ``out_dir``.
+    """
+    if not sources:
+        raise ValueError("combine_unet_loras needs at least one LoRA source")
+    loaded = [_load_source(source, i) for i, source in enumerate(sources)]
+    modules = concat_lora_modules([(m, c) for _, m, c, _ in loaded], labels=[label for label, *_ in loaded])
+    stages = [stage for *_, record in loaded for stage in record["stages"]]
+    if base is None:
+        base = loaded[0][3].get("base")
+    return _save_unet_lora(out_dir, modules, _combined_config(modules), {"base": base, "stages": stages})
+
+
+def _load_source(source: LoraSource, index: int) -> tuple[str, dict[str, dict], dict, dict]:
+    """``(label, modules, config, provenance)`` of one :func:`combine_unet_loras` source."""
+    if isinstance(source, nn.Module):
+        source = (source, "default")
+    if isinstance(source, tuple):
+        if len(source) != 2:
+            raise ValueError(
+                f"LoRA source #{index + 1} is a tuple of {len(source)}; expected (unet, adapter_name) "
+                "or (state_dict, lora_config)"
+            )
+        first, second = source
+        if isinstance(first, nn.Module):
+            modules, config = unet_lora_state(first, second)
+            label = f"UNet adapter {second!r} (source #{index + 1})"
+        elif isinstance(first, Mapping):
+            label = f"in-memory LoRA (source #{index + 1})"
+            if hasattr(second, "to_dict"):  # a peft LoraConfig
+                second = second.to_dict()
+            config = _jsonable(dict(second or {}))
+            modules = _parse_lora_tensors(first, label)
+            _check_config(config, label)
+        else:
+            raise ValueError(f"LoRA source #{index + 1}: a tuple must start with a UNet or a state dict")
+        if not modules:
+            raise ValueError(f"{label} holds no UNet LoRA weights")
+        return label, modules, config, {"base": None, "stages": [_stage_record(modules, config, None)]}
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(f"LoRA source #{index + 1} is a {type(source).__name__}, not a path, UNet or tuple")
+    file, modules, config = load_unet_lora(source)
+    if not modules:
+        raise ValueError(f"LoRA file {file} holds no UNet LoRA weights")
+    record = lora_provenance(file) or {"base": None, "stages": [_stage_record(modules, config, str(file))]}
+    return f"LoRA file {file}", modules, config, record
+
+
+def _stage_record(modules: Mapping[str, dict], config: Mapping, source: str | None) -> dict:
+    """One entry of the ``mumu_lora`` metadata's ``stages``."""
+    ranks = Counter(int(entry["A"].shape[0]) for entry in modules.values())
+    rank = ranks.most_common(1)[0][0]
+    if config:
+        alpha = config.get("lora_alpha", rank)
+    else:  # kohya-style per-module alphas, or none (alpha = rank)
+        alphas = Counter(entry["alpha"] for entry in modules.values() if entry["alpha"] is not None)
+        alpha = alphas.most_common(1)[0][0] if alphas else rank
+    return {"rank": rank, "alpha": alpha, "modules": len(modules), "source": source}
+
+
+def _combined_config(modules: Mapping[str, dict]) -> dict:
+    """A ``LoraConfig`` dict for ``modules`` at scale 1: the most common rank as ``r``, the others
+    in ``rank_pattern``, ``alpha_pattern`` mirroring it, every module named in ``target_modules``."""
+    from peft import LoraConfig
+
+    ranks = {name: int(entry["A"].shape[0]) for name, entry in modules.items()}
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    # "^" + escaped name: peft matches pattern keys as regexes against the end of a module's
+    # name, so an unanchored key could also match a longer name that ends the same way.
+    pattern = {"^" + re.escape(name): r for name, r in ranks.items() if r != rank}
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        target_modules=sorted(ranks),
+    )
+    return _jsonable(config.to_dict())
+
+
+def _check_factors(label: str, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
+    ok = A.ndim in (2, 4) and B.ndim == A.ndim and A.shape[0] == B.shape[1]
+    ok = ok and (A.ndim == 2 or tuple(B.shape[2:]) == (1, 1))
+    if not ok:
+        raise ValueError(
+            f"{label}: module {name!r} has LoRA factors that do not fit together "
+            f"(A {tuple(A.shape)}, B {tuple(B.shape)}); expected A (r, in[, k, k]) and B (out, r[, 1, 1])"
+        )
+
+
+def _delta_shape(A: torch.Tensor, B: torch.Tensor) -> tuple[int, ...]:
+    """The shape of the weight ``B @ A`` changes: (out, in) or (out, in, kh, kw)."""
+    return (int(B.shape[0]), *(int(d) for d in A.shape[1:]))
+
+
 __all__ = [
     "UNET_LORA_TARGETS",
     "LORA_WEIGHT_NAME",
+    "MUMU_METADATA_KEY",
+    "LoraSource",
     "add_unet_lora",
+    "combine_unet_loras",
+    "concat_lora_modules",
     "export_unet_lora",
     "has_peft_layers",
     "load_unet_lora",
+    "lora_provenance",
     "merge_lora_into_pipeline",
     "merge_unet_lora",
     "resolve_lora_file",
+    "unet_lora_state",
 ]

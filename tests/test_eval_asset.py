@@ -90,3 +90,56 @@ def test_evaluation_defaults_come_from_params_and_colour_metrics_surface(tiny_pi
         assert isinstance(metadata[name], float) and 0.0 <= metadata[name] <= 1.0, name
     assert metadata["colour_chance"] == pytest.approx(1 / 8)
     assert "colour_match_text_only" in metadata["summary"]
+
+
+class _Stop(Exception):
+    """Raised by a stand-in for `evaluate` once it has seen its arguments."""
+
+
+def _materialize_with(config: dict, tmp_path):
+    return dg.materialize(
+        [evaluation],
+        resources={"storage": DatasetStorage(root=str(tmp_path / "data")),
+                   "eval_models": EvalModelsResource(face=None)},
+        run_config={"ops": {"evaluation": {"config": config}}},
+        raise_on_error=False,
+    )
+
+
+def _failure_message(result) -> str:
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    data = failure.step_failure_data
+    messages = [data.user_failure_data.description] if data.user_failure_data else []
+    error = data.error
+    while error is not None:  # the op's exception is the cause of Dagster's wrapper
+        messages.append(error.message)
+        error = error.cause
+    return " | ".join(m for m in messages if m)
+
+
+def test_evaluation_device_and_dtype_reach_evaluate(tmp_path, monkeypatch):
+    import torch
+
+    seen = {}
+
+    def stand_in(*args, **kwargs):
+        seen.update(kwargs)
+        raise _Stop
+
+    monkeypatch.setattr("eval.run.evaluate", stand_in)
+    assert eval_assets.EvaluationConfig().device is None and eval_assets.EvaluationConfig().dtype is None
+    result = _materialize_with({"pipeline": str(tmp_path / "p"), "device": "cpu", "dtype": "bf16"}, tmp_path)
+    assert not result.success and "_Stop" in _failure_message(result)
+    assert (seen["device"], seen["dtype"]) == ("cpu", torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "device, dtype, message",
+    [("cpu", "float16", "dtype float16 on device 'cpu'"), ("gpu", None, "device 'gpu': not a device"),
+     ("cpu", "int4", "dtype 'int4': unknown")],
+)
+def test_evaluation_refuses_bad_device_or_dtype_before_loading(tmp_path, monkeypatch, device, dtype, message):
+    monkeypatch.setattr("eval.run.evaluate", lambda *a, **k: pytest.fail("evaluate ran with a bad device or dtype"))
+    result = _materialize_with({"pipeline": str(tmp_path / "p"), "device": device, "dtype": dtype}, tmp_path)
+    assert not result.success
+    assert f"evaluation config: {message}" in _failure_message(result)

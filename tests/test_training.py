@@ -19,10 +19,9 @@ import pytest
 import torch
 import yaml
 from PIL import Image, ImageDraw
-from safetensors.torch import load_file
 
 from mumu_model.data.shards import encode_image, json_bytes, write_shard
-from mumu_model.training.checkpoint import CheckpointManager
+from mumu_model.training.checkpoint import CheckpointManager, load_full
 from mumu_model.training.config import TrainConfig, load_train_config
 from mumu_model.training.trainer import Trainer, TrainingDiverged
 
@@ -58,7 +57,7 @@ def tiny(tmp_path: Path, shard: Path, **fields) -> TrainConfig:
     values = dict(
         model_profile="tiny", image_size=28, shards=(str(shard),), resolution=32, batch_size=2,
         max_steps=4, warmup_steps=0, checkpoint_every=100, log_every=1, output_dir=str(tmp_path / "run"),
-        tracking=False, export_unet_lora=True, seed=0,
+        tracking=False, export_unet_lora=True, export_dtype="float32", seed=0,
     )
     values.update(fields)
     return TrainConfig(**values)
@@ -66,6 +65,12 @@ def tiny(tmp_path: Path, shard: Path, **fields) -> TrainConfig:
 
 FULL = dict(vision="full", connector="full", text="full", adapter="full", unet="full",
             vision_lr=1e-3, connector_lr=1e-3, text_lr=1e-3, adapter_lr=1e-3, unet_lr=1e-3)
+
+
+def run_dir(output_dir) -> Path:
+    """The one run folder a test's output folder holds."""
+    (found,) = (Path(output_dir) / "runs").iterdir()
+    return found
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -199,7 +204,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path
     trainer.compute_loss = poisoned
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 4.*last good checkpoint is .*step-00000002"):
         trainer.train()
-    manager = CheckpointManager(tmp_path / "run")
+    manager = CheckpointManager(trainer.run_dir)
     assert [step for step, _ in manager.complete()] == [2]
     assert not (tmp_path / "run" / "pipeline").exists()
     assert not [p for p in manager.root.iterdir() if p.name.startswith(".")]  # no half-written folder
@@ -218,23 +223,25 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path, shard):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     process = subprocess.Popen([sys.executable, "-m", "mumu_model.training", str(config_file)],
                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first = Path(killed.output_dir) / "checkpoints" / "step-00000002"
+    runs = Path(killed.output_dir) / "runs"
     deadline = time.monotonic() + 240
-    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+    while not list(runs.glob("*/checkpoints/step-00000002")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
     stderr = process.stderr.read().decode()
-    assert first.exists(), stderr[-2000:]
+    assert list(runs.glob("*/checkpoints/step-00000002")), stderr[-2000:]
     assert not (Path(killed.output_dir) / "pipeline").exists(), "the run finished before it was killed"
-    steps_at_kill = [step for step, _ in CheckpointManager(killed.output_dir).complete()]
+    steps_at_kill = [step for step, _ in CheckpointManager(run_dir(killed.output_dir)).complete()]
     assert max(steps_at_kill) < 8
 
     from mumu_model.cli import main
 
     assert main(["train", str(config_file), "--resume", "latest"]) == 0
-    ours = load_file(Path(killed.output_dir) / "checkpoints" / "step-00000008" / "model.safetensors")
-    theirs = load_file(reference.checkpoint / "model.safetensors")
+    # The same run (same identity) continued: one run folder, which the reference's id names too.
+    assert run_dir(killed.output_dir).name == reference.run_id
+    ours = load_full(run_dir(killed.output_dir) / "checkpoints" / "step-00000008", "model.")
+    theirs = load_full(reference.checkpoint, "model.")
     assert ours.keys() == theirs.keys()
     worst = max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
     print(f"resume after SIGKILL at step {max(steps_at_kill)}: max abs weight difference {worst:.3g}")
@@ -251,7 +258,7 @@ def test_checkpoints_total_limit_keeps_the_newest(tmp_path, shard):
     for _ in range(5):
         trainer.train_step(next(trainer.batches))
         trainer.save_checkpoint()
-    manager = CheckpointManager(config.output_dir)
+    manager = CheckpointManager(trainer.run_dir)
     assert [step for step, _ in manager.complete()] == [4, 5]
     # 10 samples over 8 records: the cache computed each record's latents once.
     assert trainer.latent_cache.misses == 8 and trainer.latent_cache.hits == 2
@@ -282,7 +289,7 @@ def finished_run(tmp_path_factory, shard):
     return config
 
 
-def test_mlflow_run_has_params_metrics_images_and_pipeline(finished_run):
+def test_mlflow_run_has_params_metrics_images_and_deliverables(finished_run):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=finished_run.tracking_uri)
@@ -299,7 +306,11 @@ def test_mlflow_run_has_params_metrics_images_and_pipeline(finished_run):
     assert {"validation/step-00000002.png", "validation/step-00000003.png"} <= artifacts
     grid = Image.open(client.download_artifacts(run.info.run_id, "validation/step-00000003.png"))
     assert grid.width >= 4 * 32  # a crop, a gap and two seeds
-    assert "pipeline/model_index.json" in {a.path for a in client.list_artifacts(run.info.run_id, "pipeline")}
+    # The LoRA, the adapter and the config by default; the whole pipeline only on request.
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"unet_lora", "adapter", "train_config.yaml"} <= top and "pipeline" not in top, top
+    assert "adapter/config.json" in {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+    assert run.data.tags["mumu.run_id"] == run_dir(finished_run.output_dir).name
 
 
 def test_final_pipeline_loads_and_generates(finished_run):
@@ -317,7 +328,7 @@ def test_final_pipeline_loads_and_generates(finished_run):
     _, modules, lora_config = load_unet_lora(out / "unet_lora")
     assert modules and lora_config["r"] == 8
     # The merged UNet equals the checkpoint's base + LoRA: the exported LoRA is the trained one.
-    state = json.loads((out / "checkpoints" / "step-00000003" / "state.json").read_text())
+    state = json.loads((run_dir(out) / "checkpoints" / "step-00000003" / "state.json").read_text())
     assert state["step"] == 3 and state["config"]["unet"] == "lora"
 
 
@@ -328,7 +339,7 @@ def test_stage2_starts_from_a_stage1_checkpoint(tmp_path, shard, finished_run):
 
     out = Path(finished_run.output_dir)
     stage1 = MUMUPipeline.from_pretrained(out / "pipeline")
-    config = tiny(tmp_path, shard, stage=2, init_from=str(out / "checkpoints" / "step-00000003"),
+    config = tiny(tmp_path, shard, stage=2, init_from=str(run_dir(out) / "checkpoints" / "step-00000003"),
                   image_size=56, max_images=1, max_steps=1)
     trainer = Trainer(config)
     assert trainer.pipe.image_size == 56 and trainer.pipe.tokens_per_image == 16  # 1,296 at paper size
@@ -368,7 +379,9 @@ def test_reports_through_dagster_pipes_when_dagster_launches_it(tmp_path, shard)
     (materialization,) = result.asset_materializations_for_node("trained_model")
     metadata = {key: value.value for key, value in materialization.metadata.items()}
     assert metadata["steps"] == 2 and metadata["final_loss"] > 0
-    assert metadata["pipeline_path"] == str(tmp_path / "run" / "pipeline")
+    assert metadata["pipeline_path"] == str(run_dir(tmp_path / "run") / "pipeline")
+    assert (tmp_path / "run" / "pipeline").resolve() == Path(metadata["pipeline_path"]).resolve()
+    assert metadata["new_run"] is True and metadata["run_id"] == run_dir(tmp_path / "run").name
 
     from mlflow import MlflowClient
 

@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
-from mumu_model.training.checkpoint import EMA_FILE, CheckpointManager
+from mumu_model.training.checkpoint import load_full, load_weights
 from mumu_model.training.config import TrainConfig, load_train_config
 from mumu_model.training.ema import EMA
 from mumu_model.training.trainer import Trainer
@@ -155,16 +154,16 @@ def test_ema_follows_the_hand_computed_average(ema_run):
     assert ema_run["decays"] == [warmup_decay(DECAY, t) for t in range(3)] == [0.1, 2 / 11, 0.25]
     reference = reference_ema(ema_run["snapshots"], DECAY)
     checkpoint = ema_run["result"].checkpoint
-    ema = load_file(checkpoint / EMA_FILE)
+    ema = load_full(checkpoint, "ema.")
     assert set(ema) == ema_run["trainer"].trainable  # exactly the trainable tensors: LoRA + adapter
     assert all("lora_" in n or n.startswith("adapter.") for n in ema)
     assert_close(ema, reference)
-    # model.safetensors keeps the raw last-step weights, which differ from the EMA.
-    raw = load_file(checkpoint / "model.safetensors")
+    # model.* keeps the raw last-step weights, which differ from the EMA.
+    raw = load_full(checkpoint, "model.")
     assert_close(raw, ema_run["snapshots"][-1], atol=0)
     assert max(float((raw[n] - ema[n]).abs().max()) for n in ema) > 1e-4
     # Step 2's checkpoint has step 2's EMA.
-    assert_close(load_file(checkpoint.parent / "step-00000002" / EMA_FILE),
+    assert_close(load_full(checkpoint.parent / "step-00000002", "ema."),
                  reference_ema(ema_run["snapshots"][:3], DECAY))
 
 
@@ -190,7 +189,7 @@ def test_exported_pipeline_and_unet_lora_are_the_ema_weights(ema_run):
 
     out = Path(ema_run["config"].output_dir)
     checkpoint = ema_run["result"].checkpoint
-    ema, raw = load_file(checkpoint / EMA_FILE), load_file(checkpoint / "model.safetensors")
+    ema, raw = load_full(checkpoint, "ema."), load_full(checkpoint, "model.")
     pipe = MUMUPipeline.from_pretrained(out / "pipeline")
     exported = {f"{part}.{n}": t for part in ("encoder", "adapter", "unet")
                 for n, t in getattr(pipe, part).state_dict().items()}
@@ -217,7 +216,7 @@ def test_exported_pipeline_and_unet_lora_are_the_ema_weights(ema_run):
         assert torch.equal(lora["A"], ema[f"unet.{module}.lora_A.default.weight"]), module
         assert torch.equal(lora["B"], ema[f"unet.{module}.lora_B.default.weight"]), module
     # The raw weights stay reachable (e.g. to compare): trained_model_from_checkpoint(ema=False).
-    weights, _ = CheckpointManager.load_weights(checkpoint, ema=False)
+    weights, _ = load_weights(checkpoint, ema=False)
     assert_close(weights, raw, atol=0)
 
 
@@ -228,11 +227,11 @@ def test_resume_restores_the_ema_exactly(ema_run, tmp_path, shard):  # noqa: F81
                   log_pipeline_artifact=False, **FIELDS)
     trainer = Trainer(config)
     assert trainer.step == 2
-    assert_close(trainer.ema.state_dict(), load_file(reference.parent / "step-00000002" / EMA_FILE), atol=0)
+    assert_close(trainer.ema.state_dict(), load_full(reference.parent / "step-00000002", "ema."), atol=0)
     result = trainer.train()
     ours, theirs = result.checkpoint, reference
-    for file in (EMA_FILE, "model.safetensors"):
-        a, b = load_file(ours / file), load_file(theirs / file)
+    for file in ("ema.", "model."):
+        a, b = load_full(ours, file), load_full(theirs, file)
         worst = max(float((a[n] - b[n]).abs().max()) for n in a)
         print(f"resumed {file}: max abs difference {worst:.3g}")
         assert_close(a, b, atol=1e-6)

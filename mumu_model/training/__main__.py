@@ -2,6 +2,8 @@
 
 The same code as `mumu train`; under torchrun:
     torchrun --nproc_per_node=2 -m mumu_model.training configs/train_tiny.yaml
+Check a config and print its sizing report without training:
+    python -m mumu_model.training configs/train_stage1_paper.yaml --dry-run --world-size 8
 """
 
 import sys

@@ -15,7 +15,6 @@ module to `full`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import types
 import typing
@@ -70,7 +69,11 @@ class TrainConfig:
     lora_alpha: int | None = None  # None: alpha = rank (scale 1)
 
     # -- optimisation -------------------------------------------------------------------------
-    batch_size: int = 4  # per process; the global batch is batch_size x world size
+    batch_size: int = 4  # per process and micro-step
+    # Samples per optimizer step over all processes; None: batch_size x world size. When set,
+    # each process accumulates global_batch_size / (batch_size x world size) micro-steps, so a
+    # run can resume on another number of processes and train exactly the same recipe.
+    global_batch_size: int | None = None
     max_steps: int = 300_000
     warmup_steps: int = 1000  # linear warm-up from 0, then `lr_schedule`
     lr_schedule: str = "constant"  # "constant" or "cosine" (to min_lr_ratio x lr at max_steps)
@@ -90,13 +93,24 @@ class TrainConfig:
     activation_checkpointing: bool = False
     seed: int = 0
     device: str | None = None  # None: cuda:<LOCAL_RANK> if CUDA is available, else cpu
+    # How long a collective may wait for the slowest rank before the run fails (NCCL's default
+    # is 10 minutes). Rank-0-only work (export, MLflow uploads) runs after the other ranks left.
+    dist_timeout_s: float = 600.0
 
     # -- output and checkpoints -------------------------------------------------------------
     output_dir: str = "runs/mumu"
     checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end
     checkpoints_total_limit: int | None = 3  # keep the newest N checkpoints; None keeps all
-    resume: str | None = None  # None, "latest" (newest complete checkpoint) or a step-N folder
-    export_unet_lora: bool = True  # also write output_dir/unet_lora/ when the UNet has a LoRA
+    # None (start a new run), "latest" (newest complete checkpoint of the run with this run's
+    # identity: same recipe, data and starting weights) or a step-N folder of such a run.
+    resume: str | None = None
+    export_unet_lora: bool = True  # also write unet_lora/ when the UNet has a LoRA
+    export_dtype: str = "bfloat16"  # dtype of the exported pipeline: bfloat16, float16 or float32
+    # The training data's version (its DVC hash) when the caller knows it (the Dagster asset
+    # does); None: computed from the shards' content at start. Part of the run's identity.
+    data_version: str | None = None
+    # Stop with an error naming the shards when more than this share of the samples is unreadable.
+    max_bad_fraction: float = 0.01
 
     # -- tracking (MLflow on rank 0; Dagster Pipes when launched by Dagster) -----------------
     tracking: bool = True
@@ -114,7 +128,9 @@ class TrainConfig:
     validation_steps: int = 50  # DDIM steps (paper: 50)
     validation_guidance: float = 6.0  # paper: 6
     validation_resolution: int | None = None  # None: `resolution`
-    log_pipeline_artifact: bool = True  # copy the final pipeline folder into MLflow's artifacts
+    # MLflow always gets the UNet LoRA, the adapter and the config; the whole pipeline (tens of GB
+    # at paper size) only when asked.
+    log_pipeline_artifact: bool = False
     tags: dict = field(default_factory=dict)  # e.g. {dagster_run_id: ..., data_dvc_hash: ...}
 
     def __post_init__(self) -> None:
@@ -141,7 +157,13 @@ class TrainConfig:
         for name in ("warmup_steps", "validate_every", "max_images"):
             if getattr(self, name) < 0:
                 fail(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("conditioning_dropout", "augment_probability", "min_lr_ratio"):
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            fail(f"global_batch_size must be >= 1 or null, got {self.global_batch_size}")
+        if not self.dist_timeout_s > 0:
+            fail(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
+        if self.export_dtype not in ("bfloat16", "float16", "float32"):
+            fail(f"export_dtype must be bfloat16, float16 or float32, got {self.export_dtype!r}")
+        for name in ("conditioning_dropout", "augment_probability", "min_lr_ratio", "max_bad_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 fail(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -195,12 +217,17 @@ class TrainConfig:
             walk(key, value)
         return out
 
-    def model_hash(self) -> str:
-        """Identifies the model a checkpoint's weights belong to (what resume must rebuild)."""
-        keys = ("model_profile", "model_overrides", "init_from", "image_size", "max_images", "lora_rank",
-                "lora_alpha", *MODULES)
-        model = {key: self.to_dict()[key] for key in keys}
-        return hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest()[:16]
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-steps per optimizer step on `world_size` processes."""
+        if self.global_batch_size is None:
+            return 1
+        per_step = self.batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"train config: global_batch_size {self.global_batch_size} is not a multiple of batch_size "
+                f"{self.batch_size} x {world_size} process(es)"
+            )
+        return self.global_batch_size // per_step
 
 
 def _coerce(name: str, value, hint):

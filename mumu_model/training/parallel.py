@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -40,8 +41,11 @@ class Distributed:
         return self.world_size > 1
 
 
-def init_distributed(device: str | None = None) -> Distributed:
-    """Read torchrun's environment; start a process group when there is more than one process."""
+def init_distributed(device: str | None = None, timeout_s: float = 600.0) -> Distributed:
+    """Read torchrun's environment; start a process group when there is more than one process.
+
+    `timeout_s` bounds how long any collective waits for the slowest rank before failing.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -52,8 +56,13 @@ def init_distributed(device: str | None = None) -> Distributed:
         torch.cuda.set_device(target)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if target.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=target if target.type == "cuda" else None)
+        dist.init_process_group(backend, device_id=target if target.type == "cuda" else None,
+                                timeout=timedelta(seconds=timeout_s))
     return Distributed(rank=rank, world_size=world_size, local_rank=local_rank, device=target)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def shutdown_distributed() -> None:

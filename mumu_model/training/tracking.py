@@ -46,7 +46,7 @@ def _artifact_location(config: TrainConfig, uri: str) -> str | None:
 class Tracker:
     """MLflow + Dagster Pipes for one training run; every method is a no-op when disabled."""
 
-    def __init__(self, config: TrainConfig, enabled: bool, run_id: str | None = None):
+    def __init__(self, config: TrainConfig, enabled: bool, run_id: str | None = None, tags: dict | None = None):
         self.config = config
         self.enabled = enabled and config.tracking
         self.client = None
@@ -68,7 +68,7 @@ class Tracker:
                 logger.warning("MLflow run %s of the checkpoint is not in %s; starting a new run", run_id, self.uri)
         if self.run_id is None:
             experiment = self._experiment_id()
-            tags = {"mumu.stage": str(config.stage)}
+            tags = {"mumu.stage": str(config.stage), **(tags or {})}
             if self.pipes is not None:  # launched by Dagster: link the MLflow run to the Dagster run
                 tags["dagster_run_id"] = self.pipes.run_id
             tags.update({str(k): str(v) for k, v in config.tags.items()})
@@ -116,6 +116,10 @@ class Tracker:
     def log_image(self, image: Image.Image, artifact_file: str) -> None:
         if self.enabled:
             self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+
+    def log_artifact(self, local_file: str | Path, artifact_path: str) -> None:
+        if self.enabled:
+            self.client.log_artifact(self.run_id, str(local_file), artifact_path=artifact_path or None)
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> None:
         if self.enabled:

@@ -21,14 +21,24 @@ after every optimizer step. Validation generates with it swapped in, checkpoints
 (ema.safetensors) and resume restores it, and the exported pipeline / UNet LoRA are built
 from it; the raw weights keep training underneath.
 
-Known limits: every rank builds the whole model before FSDP2 shards it (paper scale wants
-meta-device initialisation); a checkpoint resumes with the process count that wrote it (each
-rank's data position is saved); the bf16 / nccl path is written but was not run here (no GPU).
+Runs. A run is identified by its recipe, its data version and its starting weights
+(`identity`); it lives in `output_dir/runs/<run id>/` (checkpoints, exports, run.json) and the
+latest finished run's exports are linked from `output_dir/pipeline` and `output_dir/unet_lora`.
+New data or a changed recipe starts a new run beside the old one; `resume=latest` continues only
+a checkpoint of the same identity, on any number of processes (`global_batch_size` keeps the
+recipe; the noise of a sample is drawn from (seed, step, sample key), not from a rank's RNG).
+
+Ranks never wait on rank-0-only work: after the last collective (final checkpoint, validation)
+every other rank leaves, and rank 0 alone exports and uploads.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import gc
+import hashlib
+import json
 import logging
 import math
 import os
@@ -40,25 +50,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
-from ..atomic import atomic_dir
-from ..build import build_pipeline
+from ..atomic import atomic_dir, write_bytes_atomic
+from ..build import DTYPES, build_pipeline
 from ..config import load_model_config
 from ..encoder import configure_processor
 from ..lora import add_unet_lora, export_unet_lora
 from ..pipeline import MUMUPipeline, encode_inputs
 from ..prompt import MultimodalPrompt
+from . import checkpoint as ckpt
 from . import parallel
-from .checkpoint import (
-    STATE_FILE,
-    CheckpointManager,
-    capture_rng,
-    pack_rank_state,
-    restore_rng,
-)
+from .checkpoint import STATE_FILE, CheckpointManager
 from .config import MODULES, TrainConfig, config_from_dict, load_train_config
 from .ema import EMA
+from .identity import RUN_FILE, content_hash, data_version, identity_differences, run_id, run_identity
 from .tracking import Tracker, validation_grid
 
 logger = logging.getLogger("mumu.training")
@@ -66,6 +73,10 @@ logger = logging.getLogger("mumu.training")
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm stopped being finite; nothing of that step was saved."""
+
+
+class DataChanged(RuntimeError):
+    """A training shard changed on disk while the run was reading it."""
 
 
 # -- the module being trained ---------------------------------------------------------------------
@@ -132,21 +143,65 @@ def module_of(name: str) -> str:
 # -- building the model -----------------------------------------------------------------------------
 
 
+def resolve_init(path: str | Path) -> tuple[str, Path]:
+    """What `init_from` names: ("pipeline", folder), ("checkpoint", folder); or a ValueError.
+
+    A training output folder stands for its `pipeline/` (the latest finished run's export). A
+    pipeline folder must be complete: every component model_index.json lists has its folder
+    with a config and, for models, safetensors weights.
+    """
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return "checkpoint", path
+    folder = path if (path / "model_index.json").is_file() else path / "pipeline"
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(
+            f"init_from={str(path)!r}: not a MUMU pipeline folder (model_index.json), a training output "
+            f"folder (pipeline/model_index.json) or a checkpoint folder ({STATE_FILE})"
+        )
+    index = json.loads((folder / "model_index.json").read_text())
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        part = folder / name
+        configs = [f for f in ("config.json", "scheduler_config.json", "processor_config.json",
+                               "preprocessor_config.json", "tokenizer_config.json") if (part / f).is_file()]
+        if not part.is_dir() or not configs:
+            raise ValueError(f"init_from={str(path)!r} is incomplete: {part} has no config (component {name!r})")
+        if name in ("encoder", "adapter", "unet", "vae") and not any(part.glob("*.safetensors")):
+            raise ValueError(f"init_from={str(path)!r} is incomplete: no *.safetensors weights in {part}")
+    return "pipeline", folder.resolve()
+
+
 def load_init_pipeline(path: str | Path) -> MUMUPipeline:
     """A MUMU pipeline folder, a training output folder (its pipeline/), or a checkpoint folder."""
-    path = Path(path)
-    if (path / "model_index.json").is_file():
-        return MUMUPipeline.from_pretrained(path)
-    if (path / "pipeline" / "model_index.json").is_file():
-        return MUMUPipeline.from_pretrained(path / "pipeline")
-    if (path / STATE_FILE).is_file():  # its EMA weights if it has them, as its exported pipeline/
-        pipe, model = trained_model_from_checkpoint(path)
-        merge_loras(model)
-        return pipe
-    raise ValueError(
-        f"init_from={str(path)!r}: not a MUMU pipeline folder (model_index.json), a training output "
-        f"folder (pipeline/model_index.json) or a checkpoint folder ({STATE_FILE})"
-    )
+    kind, folder = resolve_init(path)
+    if kind == "pipeline":
+        return MUMUPipeline.from_pretrained(folder)
+    pipe, model = trained_model_from_checkpoint(folder)  # its EMA weights if it has them
+    merge_loras(model)
+    return pipe
+
+
+def previous_unet_lora(init_from: str | Path | None):
+    """The UNet LoRA of the stages `init_from` comes from, for `export_unet_lora(previous=...)`.
+
+    A pipeline folder: the LoRA its run exported beside it (`<run dir>/unet_lora`, every stage so
+    far); a checkpoint: that checkpoint's own UNet LoRA (its EMA when it has one) as
+    (state dict, LoRA config); None when there is none.
+    """
+    if init_from is None:
+        return None
+    kind, folder = resolve_init(init_from)
+    if kind == "pipeline":
+        lora = folder.parent / "unet_lora"
+        return lora if lora.is_dir() else None
+    weights, state = ckpt.load_weights(folder)
+    config = config_from_dict(state["config"])
+    lora = {name: tensor for name, tensor in weights.items() if name.startswith("unet.") and "lora_" in name}
+    if not lora:
+        return None
+    return lora, {"r": config.lora_rank, "lora_alpha": config.lora_alpha or config.lora_rank}
 
 
 def load_base_pipeline(config: TrainConfig) -> MUMUPipeline:
@@ -232,7 +287,7 @@ def trained_model_from_checkpoint(path: str | Path, ema: bool | None = None) -> 
     ema=None: the EMA weights when the run kept an EMA (the model it delivers), else the raw
     last-step weights; False: always the raw weights.
     """
-    weights, state = CheckpointManager.load_weights(path, ema=ema)
+    weights, state = ckpt.load_weights(path, ema=ema)
     config = config_from_dict(state["config"])
     pipe, model = setup_model(config)
     load_trainable(model, weights, where=str(path))
@@ -291,6 +346,9 @@ class TrainResult:
     pipeline_dir: Path | None = None
     unet_lora_dir: Path | None = None
     mlflow_run_id: str | None = None
+    run_id: str | None = None
+    run_dir: Path | None = None
+    new_run: bool = True  # False: continued a checkpoint of the same run
 
 
 def _shard_patterns(shards: tuple[str, ...]) -> tuple[str, ...]:
@@ -304,22 +362,39 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def sample_seed(seed: int, step: int, key: str) -> int:
+    """The seed of one sample's noise and timestep at one optimizer step: the same on any rank
+    and any number of processes, so a resumed or re-sharded run draws exactly the same noise."""
+    digest = hashlib.sha256(f"{seed}:noise:{step}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    info = path.stat()
+    return info.st_size, info.st_mtime_ns
+
+
 class Trainer:
     def __init__(self, config: TrainConfig):
         from diffusers import DDPMScheduler
 
-        from .data import DataConfig, LatentCache, ShardStream
+        from .data import DataConfig, LatentCache, ShardStream, expand_shards
 
         if not config.shards:
             raise ValueError("train config: shards is empty; list the caption shards (tar files, folders or globs)")
-        self.config = config
-        self.dist = parallel.init_distributed(config.device)
+        self.dist = parallel.init_distributed(config.device, config.dist_timeout_s)
         self.device = self.dist.device
+        self.accumulation = config.accumulation_steps(self.dist.world_size)
         self.output_dir = Path(config.output_dir)
-        self.checkpoints = CheckpointManager(self.output_dir, config.checkpoints_total_limit)
         self.bf16 = config.mixed_precision == "bf16" and self.device.type == "cuda"
         if config.mixed_precision == "bf16" and not self.bf16:
             logger.warning("mixed_precision=bf16 applies on GPU only; training in fp32 on %s", self.device)
+        if config.init_from is not None:
+            # The folder it names now: a training output's `pipeline` link moves when a newer run
+            # finishes, and this run (its checkpoints, its export) must keep rebuilding from this one.
+            kind, folder = resolve_init(config.init_from)
+            config = dataclasses.replace(config, init_from=str(folder))
+        self.config = config
 
         # Validation prompts are parsed first: a typo fails now, not after hours of training.
         self.validation = [
@@ -327,11 +402,30 @@ class Trainer:
             for text in config.validation_prompts
         ]
 
+        # The run: its identity (hashing the data and the starting weights is rank 0's job).
+        shard_files = expand_shards(_shard_patterns(config.shards))
+        self._shard_stats = {path: _stat(path) for path in shard_files}
+        identity = None
+        if self.dist.is_main:
+            data = config.data_version or data_version(config.shards, shard_files)
+            init = content_hash(config.init_from) if config.init_from else None
+            identity = run_identity(config, self.dist.world_size, data, init)
+        self.identity = json.loads(parallel.broadcast_bytes(json.dumps(identity).encode(), self._comm))
+        self.run_id = run_id(self.identity)
+        self.run_dir = self.output_dir / "runs" / self.run_id
+        self.checkpoints = CheckpointManager(self.run_dir, config.checkpoints_total_limit)
+        resume = self._resolve_resume(config.resume)
+        self.new_run = resume is None
+
         # Model: identical on every rank, then LoRA'd, frozen, checkpointed and sharded from outside.
         self.pipe, self.model = setup_model(config)
         self.pipe.set_progress_bar_config(disable=True)
         self.pipe.to(self.device)
         self.trainable = {parallel.clean_name(n) for n, p in self.model.named_parameters() if p.requires_grad}
+        if self.bf16:  # frozen weights only take part in bf16 compute: store them so
+            for param in self.model.parameters():
+                if not param.requires_grad:
+                    param.data = param.data.to(torch.bfloat16)
         if config.activation_checkpointing:
             parallel.apply_activation_checkpointing(self.model)
         if self.dist.sharded:
@@ -349,8 +443,6 @@ class Trainer:
                 f"the pipeline's scheduler predicts {self.noise_scheduler.config.prediction_type!r}; "
                 "the trainer supports 'epsilon' (SDXL) and 'v_prediction'"
             )
-        # Noise and timesteps come from this generator, per rank, saved in checkpoints.
-        self.generator = torch.Generator(device=self.device).manual_seed(config.seed * 1000 + self.dist.rank + 1)
 
         # Data: this rank's slice of a deterministic, resumable stream.
         data_config = DataConfig(
@@ -364,17 +456,20 @@ class Trainer:
         self.stream = ShardStream(data_config, rank=self.dist.rank, world_size=self.dist.world_size)
         self.latent_cache = LatentCache(self.output_dir / "latents", self.pipe.vae) if config.cache_latents else None
 
-        # Resume: weights, optimizer, LR schedule, RNGs, data position, step, MLflow run.
+        # Resume: weights, optimizer, EMA, LR schedule, data position, step, MLflow run.
         self.step = 0
         self.last_saved: int | None = None
-        run_id = None
+        mlflow_run = None
         if self.dist.is_main:
             self.checkpoints.remove_partial()
-        resume = parallel.broadcast_bytes(str(self.checkpoints.resolve(config.resume) or "").encode(), self._comm)
-        if resume:  # resume=latest with no checkpoint yet starts from scratch
-            run_id = self._load_checkpoint(Path(resume.decode()))
+            self._write_run_file()
+        if resume is not None:
+            mlflow_run = self._load_checkpoint(resume)
+        elif self.dist.is_main:
+            self._log_new_run()
         self.batches = self._batches()
-        self.tracker = Tracker(config, enabled=self.dist.is_main, run_id=run_id)
+        self.tracker = Tracker(config, enabled=self.dist.is_main, run_id=mlflow_run,
+                               tags={"mumu.run_id": self.run_id, "data_version": self.identity["data"]})
         self.losses: list[float] = []
 
     @property
@@ -385,6 +480,56 @@ class Trainer:
         from .data import batches
 
         return batches(self.stream, self.pipe.processor, self.config.batch_size)
+
+    # -- the run's identity ----------------------------------------------------------------------
+
+    def _resolve_resume(self, resume: str | None) -> Path | None:
+        """The checkpoint to continue: none, this run's latest, or a named one of the same identity."""
+        if resume is None:
+            return None
+        if resume == "latest":
+            return self.checkpoints.latest()
+        path = Path(resume)
+        state = ckpt.read_state(path)
+        differences = identity_differences(state.get("identity", {}), self.identity)
+        if differences:
+            raise ValueError(
+                f"resume={resume!r}: the checkpoint belongs to another run (run {state.get('run_id')}, this config "
+                f"is run {self.run_id}); it differs in: {'; '.join(differences)}. Resume with the same recipe, data "
+                "and init_from, or start a new run (resume=null)"
+            )
+        return path
+
+    def _write_run_file(self) -> None:
+        run_file = self.run_dir / RUN_FILE
+        if not run_file.is_file():
+            record = {"run_id": self.run_id, "identity": self.identity, "created": time.time()}
+            write_bytes_atomic(run_file, json.dumps(record, indent=1).encode())
+
+    def _log_new_run(self) -> None:
+        """Say that a new run starts, and how it differs from the last one in this output folder."""
+        others = []
+        for run_file in (self.output_dir / "runs").glob(f"*/{RUN_FILE}"):
+            if run_file.parent.name != self.run_id:
+                record = json.loads(run_file.read_text())
+                others.append((record.get("created", 0), run_file.parent, record))
+        if not others:
+            logger.info("new run %s in %s", self.run_id, self.run_dir)
+            return
+        _, folder, record = max(others, key=lambda item: item[0])
+        differences = identity_differences(record.get("identity", {}), self.identity)
+        self.previous_run = str(folder)
+        logger.info("new run %s in %s: it differs from the previous run %s (kept in %s) in: %s",
+                    self.run_id, self.run_dir, folder.name, folder, "; ".join(differences))
+
+    def _check_data_unchanged(self) -> None:
+        for path, stat in self._shard_stats.items():
+            if not path.is_file() or _stat(path) != stat:
+                raise DataChanged(
+                    f"training shard {path} changed on disk during the run (size/mtime differ from when training "
+                    f"started at this run's first step); the data this run trains on is no longer the data its "
+                    f"identity names. Stop writing to the training data while a run reads it, then start again"
+                )
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -397,14 +542,26 @@ class Trainer:
             latents = vae_latents(self.pipe.vae, batch["pixel_values"].to(self.device))
         return latents.to(self.device, torch.float32)
 
-    def compute_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        """The denoising MSE on one batch; noise and timesteps drawn from `generator`."""
+    def draw_noise(self, latents: torch.Tensor, keys: list[str], generator: torch.Generator | None):
+        """Noise and timesteps for a batch: from `generator` when given, else per sample from
+        `sample_seed(seed, step, key)`."""
+        steps = self.noise_scheduler.config.num_train_timesteps
+        if generator is not None:
+            noise = torch.randn(latents.shape, generator=generator, device=generator.device)
+            timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=generator.device)
+            return noise.to(self.device), timesteps.to(self.device)
+        noises, timesteps = [], []
+        for key in keys:
+            sample = torch.Generator().manual_seed(sample_seed(self.config.seed, self.step, key))
+            noises.append(torch.randn(latents.shape[1:], generator=sample))
+            timesteps.append(torch.randint(0, steps, (1,), generator=sample))
+        return torch.stack(noises).to(self.device), torch.cat(timesteps).to(self.device)
+
+    def compute_loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The denoising MSE on one batch; noise and timesteps as `draw_noise` gives them."""
         latents = self.latents(batch)
         size = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator, device=self.device)
-        timesteps = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (size,), generator=generator, device=self.device
-        )
+        noise, timesteps = self.draw_noise(latents, batch["keys"], generator)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         # SDXL micro-conditioning: original size, crop top-left, target size (as at inference).
         res = self.config.resolution
@@ -418,16 +575,22 @@ class Trainer:
             target = noise
         return F.mse_loss(prediction.float(), target.float())
 
-    def train_step(self, batch: dict) -> dict[str, float]:
-        """One optimizer update; raises TrainingDiverged (before touching the weights) on NaN/inf."""
+    def train_step(self, batches: dict | list[dict]) -> dict[str, float]:
+        """One optimizer update over one batch or several micro-batches (gradient accumulation);
+        raises TrainingDiverged (before touching the weights) on NaN/inf."""
+        micro = [batches] if isinstance(batches, dict) else list(batches)
         self.model.train()
-        loss = self.compute_loss(batch, self.generator)
-
-        # Every rank sees the same mean loss, so all stop together (backward is collective).
-        mean_loss = parallel.all_reduce_mean(loss.detach()).item()
-        if not math.isfinite(mean_loss):
-            self._diverged(f"loss is {mean_loss}", batch)
-        loss.backward()
+        mean_loss, dropped = 0.0, 0.0
+        for batch in micro:
+            loss = self.compute_loss(batch, None) / len(micro)
+            # Every rank sees the same mean loss, so all stop together (backward is collective).
+            part = parallel.all_reduce_mean(loss.detach()).item()
+            if not math.isfinite(part):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._diverged(f"loss is {part * len(micro)}", batch)
+            mean_loss += part
+            dropped += float(batch["dropped"].float().mean()) / len(micro)
+            loss.backward()
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -436,12 +599,11 @@ class Trainer:
         grad_norm = float(grad_norm)
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
-            self._diverged(f"gradient norm is {grad_norm}", batch)
+            self._diverged(f"gradient norm is {grad_norm}", micro[-1])
         lrs = {f"lr/{group['name']}": group["lr"] for group in self.optimizer.param_groups}
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        dropped = float(batch["dropped"].float().mean())
         metrics = {"loss": mean_loss, "grad_norm": grad_norm, "dropped_fraction": dropped, **lrs}
         if self.ema is not None:
             metrics["ema_decay"] = self.ema.update(self.step)  # the decay this step used (warm-up)
@@ -460,17 +622,18 @@ class Trainer:
     def train(self) -> TrainResult:
         config = self.config
         logger.info(
-            "training from step %d to %d: %d process(es) x batch %d, modes %s, output %s",
-            self.step, config.max_steps, self.dist.world_size, config.batch_size, config.modes, self.output_dir,
+            "run %s: training from step %d to %d: %d process(es) x batch %d x %d micro-step(s), modes %s, in %s",
+            self.run_id, self.step, config.max_steps, self.dist.world_size, config.batch_size, self.accumulation,
+            config.modes, self.run_dir,
         )
-        global_batch = config.batch_size * self.dist.world_size
+        global_batch = config.batch_size * self.dist.world_size * self.accumulation
         window_losses: list[float] = []
         window_time = 0.0
         status = "FAILED"
         try:
             while self.step < config.max_steps:
                 started = time.perf_counter()  # throughput includes reading and collating the data
-                metrics = self.train_step(next(self.batches))
+                metrics = self.train_step([next(self.batches) for _ in range(self.accumulation)])
                 window_time += time.perf_counter() - started
                 self.losses.append(metrics["loss"])
                 window_losses.append(metrics["loss"])
@@ -501,71 +664,78 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------
 
-    def save_checkpoint(self) -> Path | None:
-        """Gather full trainable weights + optimizer state to rank 0 and write step-N/ atomically."""
+    def _checkpoint_tensors(self) -> tuple[dict[str, torch.Tensor], dict, list]:
+        """This rank's shards by checkpoint name; the model and optimizer state dicts they come from."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        options = StateDictOptions(ignore_frozen_params=True)
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=options)
-        ema_state = self.ema.state_dict() if self.ema is not None else None  # collective under FSDP2
-        meta, tensors = capture_rng(self.generator)
-        meta["data"] = self.stream.state_dict()
-        blobs = parallel.all_gather_bytes(pack_rank_state(meta, tensors), self._comm)
-        path = None
+        tensors = {f"model.{name}": tensor for name, tensor in model_state.items()}
+        for name, entries in optimizer_state["state"].items():
+            tensors.update({f"optim.{name}.{key}": value for key, value in entries.items()})
+        if self.ema is not None:
+            tensors.update({f"ema.{name}": shadow for name, shadow in zip(self.ema.names, self.ema.shadows)})
+        return tensors, model_state, optimizer_state
+
+    def save_checkpoint(self) -> Path:
+        """Every rank writes its shards of step-N/ (collective); rank 0 adds state.json last."""
+        self._check_data_unchanged()
+        tensors, _, optimizer_state = self._checkpoint_tensors()
+        data_states = parallel.all_gather_bytes(json.dumps(self.stream.state_dict()).encode(), self._comm)
+        state = {
+            "run_id": self.run_id,
+            "identity": self.identity,
+            "config": self.config.to_dict(),
+            "world_size": self.dist.world_size,
+            "scheduler": self.scheduler.state_dict(),
+            "param_groups": [{k: v for k, v in group.items() if k != "params"} for group in optimizer_state["param_groups"]],
+            "ema": self.ema is not None,
+            "data": [json.loads(blob) for blob in data_states],
+            "loss": self.losses[-1] if self.losses else None,
+            "mlflow_run_id": self.tracker.run_id,
+            "time": time.time(),
+        }
+        path = self.checkpoints.save(self.step, tensors, state, is_main=self.dist.is_main)
         if self.dist.is_main:
-            state = {
-                "config": self.config.to_dict(),
-                "model_hash": self.config.model_hash(),
-                "world_size": self.dist.world_size,
-                "scheduler": self.scheduler.state_dict(),
-                "loss": self.losses[-1] if self.losses else None,
-                "mlflow_run_id": self.tracker.run_id,
-                "time": time.time(),
-            }
-            path = self.checkpoints.save(self.step, model_state, optimizer_state, state, blobs, ema=ema_state)
             logger.info("wrote checkpoint %s", path)
         self.last_saved = self.step
-        parallel.barrier()
         return path
 
     def _load_checkpoint(self, path: Path) -> str | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        checkpoint = CheckpointManager.load(path)
-        if checkpoint.state.get("model_hash") != self.config.model_hash():
-            saved = config_from_dict(checkpoint.state["config"])
-            fields = [k for k in ("model_profile", "model_overrides", "init_from", "image_size", "max_images",
-                                  "lora_rank", "lora_alpha", *MODULES) if getattr(saved, k) != getattr(self.config, k)]
-            raise ValueError(f"resume from {path}: the checkpoint belongs to another model (differs in {fields})")
-        if len(checkpoint.rank_states) != self.dist.world_size:
-            raise ValueError(
-                f"resume from {path}: written by {len(checkpoint.rank_states)} process(es), resumed with "
-                f"{self.dist.world_size}; each rank's data position is saved, so resume with the same count"
-            )
-        missing = sorted(self.trainable - set(checkpoint.model))
-        if missing:
-            raise ValueError(f"resume from {path}: trainable weights missing from the checkpoint, e.g. {missing[:3]}")
-        set_state_dict(
-            self.model,
-            self.optimizer,
-            model_state_dict=checkpoint.model,
-            optim_state_dict=checkpoint.optimizer,
-            options=StateDictOptions(full_state_dict=True, strict=False),
-        )
-        if self.ema is not None and checkpoint.ema is not None:
-            self.ema.load_state_dict(checkpoint.ema)
-        elif self.ema is not None:  # EMA switched on for a run that trained without it
-            logger.warning("resume from %s: the checkpoint has no EMA; the EMA starts from its weights", path)
-            self.ema.reset()
-        elif checkpoint.ema is not None:
+        state = ckpt.read_state(path)
+        if state.get("ema") and self.ema is None:
             logger.warning("resume from %s: ema_decay=0, so the checkpoint's EMA weights are dropped", path)
-        self.scheduler.load_state_dict(checkpoint.state["scheduler"])
-        meta, tensors = checkpoint.rank_states[self.dist.rank]
-        restore_rng(meta, tensors, self.generator)
-        self.stream.load_state_dict(meta["data"])
-        self.step = self.last_saved = checkpoint.step
-        logger.info("resumed from %s at step %d", path, self.step)
-        return checkpoint.state.get("mlflow_run_id")
+        tensors, model_state, optimizer_state = self._checkpoint_tensors()
+        if self.ema is not None and not state.get("ema"):
+            logger.warning("resume from %s: the checkpoint has no EMA; the EMA starts from its weights", path)
+            tensors = {name: t for name, t in tensors.items() if not name.startswith("ema.")}
+        ckpt.load_into(path, tensors)  # every rank reads its own shards, whatever world size wrote them
+        for group, saved in zip(optimizer_state["param_groups"], state["param_groups"]):
+            group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+        set_state_dict(self.model, self.optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                       options=StateDictOptions(strict=False))
+        if self.ema is not None and not state.get("ema"):
+            self.ema.reset()
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.stream.load_state_dict(self._data_state(state, path))
+        self.step = self.last_saved = int(state["step"])
+        logger.info("resumed run %s from %s at step %d", self.run_id, path, self.step)
+        return state.get("mlflow_run_id")
+
+    def _data_state(self, state: dict, path: Path) -> dict:
+        """This rank's data position, converted when the checkpoint was written by another world size."""
+        saved = state["data"]
+        if len(saved) == self.dist.world_size:
+            return saved[self.dist.rank]
+        from .data import reshard_states
+
+        try:
+            return reshard_states(saved, self.dist.rank, self.dist.world_size)
+        except ValueError as err:
+            raise ValueError(f"resume from {path}: written by {len(saved)} process(es), cannot continue on "
+                             f"{self.dist.world_size}: {err}") from err
 
     # -- validation --------------------------------------------------------------------------------
 
@@ -576,7 +746,7 @@ class Trainer:
 
         Under FSDP2 every rank runs the same generation: each block's forward all-gathers its
         full parameters, so the ranks must call it together (no rank-0-only generation, and no
-        extra copy of the model). Generators are local, so training's RNG streams are untouched.
+        extra copy of the model). Generators are local, so nothing of training's randomness moves.
         """
         if not self.validation:
             return
@@ -604,45 +774,57 @@ class Trainer:
     # -- the end ----------------------------------------------------------------------------------
 
     def finish(self) -> TrainResult:
-        """Final checkpoint and validation; then, from the checkpoint, the merged pipeline + LoRA
-        (from the EMA weights when EMA is on)."""
+        """The last collective work (final checkpoint, validation); then every rank but 0 leaves,
+        and rank 0 alone builds the exports from the checkpoint and uploads them."""
         config = self.config
         if self.last_saved != self.step:
             self.save_checkpoint()
         self.validate()
-        checkpoint = self.checkpoints.root / f"step-{self.step:08d}"
+        checkpoint = self.checkpoints.root / ckpt.checkpoint_name(self.step)
         # EMA on: the checkpoint's EMA weights (a checkpoint resumed at max_steps that had no EMA
         # has none, and then the reset EMA equals the raw weights anyway); off: the raw weights.
         use_ema = None if self.ema is not None else False
-        # Free the training copy before rank 0 rebuilds an unsharded one from the checkpoint.
+        # No collective after this point: the other ranks may be gone while rank 0 exports.
+        parallel.shutdown_distributed()
         self.model = self.optimizer = self.scheduler = self.ema = None
         self.pipe = None
         gc.collect()
-        pipeline_dir = unet_lora_dir = None
-        if self.dist.is_main:
-            pipeline_dir, unet_lora_dir = export_final(checkpoint, self.output_dir, config.export_unet_lora,
-                                                       ema=use_ema)
-            logger.info("wrote %s%s", pipeline_dir, f" and {unet_lora_dir}" if unet_lora_dir else "")
-            if config.log_pipeline_artifact:
-                self.tracker.log_artifacts(pipeline_dir, "pipeline")
-            if unet_lora_dir is not None:
-                self.tracker.log_artifacts(unet_lora_dir, "unet_lora")
-        parallel.barrier()
         recent = self.losses[-config.log_every:]
         result = TrainResult(
             step=self.step,
             loss=sum(recent) / len(recent) if recent else None,
             losses=list(self.losses),
             checkpoint=checkpoint,
-            pipeline_dir=pipeline_dir,
-            unet_lora_dir=unet_lora_dir,
             mlflow_run_id=self.tracker.run_id,
+            run_id=self.run_id,
+            run_dir=self.run_dir,
+            new_run=self.new_run,
         )
+        if not self.dist.is_main:
+            return result
+        exports = export_final(checkpoint, self.run_dir, config.export_unet_lora, ema=use_ema,
+                               dtype=DTYPES[config.export_dtype], previous_lora=previous_unet_lora(config.init_from))
+        result.pipeline_dir, result.unet_lora_dir = exports["pipeline"], exports.get("unet_lora")
+        publish_exports(self.output_dir, self.run_dir, exports)
+        logger.info("run %s: wrote %s; linked from %s", self.run_id, ", ".join(str(p) for p in exports.values()),
+                    self.output_dir)
+        (self.run_dir / "train_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        self.tracker.log_artifact(self.run_dir / "train_config.yaml", "")
+        for name in ("unet_lora", "adapter"):
+            if name in exports:
+                self.tracker.log_artifacts(exports[name], name)
+        if config.log_pipeline_artifact:
+            self.tracker.log_artifacts(exports["pipeline"], "pipeline")
         summary = {
             "final_loss": result.loss,
             "steps": result.step,
-            "pipeline_path": str(pipeline_dir) if pipeline_dir else None,
-            "unet_lora_path": str(unet_lora_dir) if unet_lora_dir else None,
+            "run_id": self.run_id,
+            "run_dir": str(self.run_dir),
+            "new_run": self.new_run,
+            "previous_run": getattr(self, "previous_run", None),
+            "data_version": self.identity["data"],
+            "pipeline_path": str(result.pipeline_dir),
+            "unet_lora_path": str(result.unet_lora_dir) if result.unet_lora_dir else None,
             "checkpoint_path": str(checkpoint),
             "mlflow_run_id": result.mlflow_run_id,
             "stage": config.stage,
@@ -653,20 +835,45 @@ class Trainer:
 
 
 def export_final(
-    checkpoint: Path, output_dir: Path, export_lora: bool = True, ema: bool | None = None
-) -> tuple[Path, Path | None]:
-    """output_dir/pipeline/ (LoRAs merged: a plain MUMUPipeline) and output_dir/unet_lora/ (paper
-    Finding 4: merge it into community SDXL fine-tunes), both from a checkpoint, atomically;
-    from its EMA weights if it has them, unless ema=False."""
+    checkpoint: Path,
+    out_dir: Path,
+    export_lora: bool = True,
+    ema: bool | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    previous_lora=None,
+) -> dict[str, Path]:
+    """From a checkpoint (its EMA weights if it has them, unless ema=False), atomically:
+    out_dir/pipeline/ (LoRAs merged: a plain MUMUPipeline, in `dtype`), out_dir/adapter/, and
+    out_dir/unet_lora/ when the UNet trained a LoRA. The LoRA is the whole change from the UNet
+    the first stage started from: with `previous_lora` (the exported LoRA of the run this one
+    started from), the stages are concatenated (paper Finding 4: merge it into SDXL fine-tunes)."""
     pipe, model = trained_model_from_checkpoint(checkpoint, ema=ema)
-    unet_lora_dir = None
+    exports: dict[str, Path] = {}
     if export_lora and getattr(model.unet, "peft_config", None):
-        unet_lora_dir = export_unet_lora(model.unet, output_dir / "unet_lora")
+        exports["unet_lora"] = export_unet_lora(model.unet, out_dir / "unet_lora", previous=previous_lora)
     merge_loras(model)
-    pipeline_dir = output_dir / "pipeline"
-    with atomic_dir(pipeline_dir) as tmp:
+    pipe.to(dtype=dtype)
+    exports["pipeline"] = out_dir / "pipeline"
+    with atomic_dir(exports["pipeline"]) as tmp:
         pipe.save_pretrained(tmp)
-    return pipeline_dir, unet_lora_dir
+    exports["adapter"] = out_dir / "adapter"
+    with atomic_dir(exports["adapter"]) as tmp:
+        pipe.adapter.save_pretrained(tmp)
+    return exports
+
+
+def publish_exports(output_dir: Path, run_dir: Path, exports: dict[str, Path]) -> None:
+    """Point output_dir/<name> at the run's exports (relative links, each swapped atomically), so
+    readers of `output_dir/pipeline` get the latest finished run and older runs stay intact."""
+    for name, target in exports.items():
+        link = output_dir / name
+        if link.exists() and not link.is_symlink():  # a folder written by an older layout
+            os.replace(link, run_dir / f"{name}.previous-layout")
+        tmp = output_dir / f".{name}.link"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        tmp.symlink_to(os.path.relpath(target, output_dir))
+        os.replace(tmp, link)
 
 
 # -- entry point ------------------------------------------------------------------------------------
