@@ -369,6 +369,41 @@ def sample_seed(seed: int, step: int, key: str) -> int:
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
+BLANK_KEY = "__mumu_blank__"
+
+
+def with_vision_row(batch: dict, processor) -> dict:
+    """`batch` with one more row, a prompt of one blank image weighted 0 in the loss, when none
+    of its prompts holds an image.
+
+    Under FSDP every rank must run the same modules in the same order in every step (each
+    gathers its parameters together with the other ranks). A batch whose prompts were all
+    dropped (or are all text) would skip the vision tower on one rank while the others run it;
+    the extra row keeps every rank on the same path and changes no gradient.
+    """
+    from PIL import Image
+
+    from ..encoder import encoder_inputs, processor_image_size
+    from .data import merge_encoder_inputs
+
+    if "pixel_values" in batch["encoder_inputs"]:
+        return batch
+    rows = len(batch["keys"])
+    size = processor_image_size(processor)
+    blank = encoder_inputs(processor, [MultimodalPrompt([Image.new("RGB", (size, size), (128, 128, 128))])])
+    inputs = batch["encoder_inputs"]
+    merged = merge_encoder_inputs([{k: v[i : i + 1] for k, v in inputs.items()} for i in range(rows)] + [dict(blank)],
+                                  processor.tokenizer.pad_token_id)
+    weights = batch.get("loss_weight", torch.ones(rows))
+    return {
+        **batch,
+        "encoder_inputs": merged,
+        "pixel_values": torch.cat([batch["pixel_values"], torch.zeros_like(batch["pixel_values"][:1])]),
+        "keys": [*batch["keys"], BLANK_KEY],
+        "loss_weight": torch.cat([weights, torch.zeros(1)]),
+    }
+
+
 def _stat(path: Path) -> tuple[int, int]:
     info = path.stat()
     return info.st_size, info.st_mtime_ns
@@ -417,19 +452,16 @@ class Trainer:
         resume = self._resolve_resume(config.resume)
         self.new_run = resume is None
 
-        # Model: identical on every rank, then LoRA'd, frozen, checkpointed and sharded from outside.
-        self.pipe, self.model = setup_model(config)
+        # Model: built on the meta device, LoRA'd, frozen (in bf16 when computing in bf16),
+        # checkpointed and sharded from outside, then each rank loads only its own shards.
+        from .sharded_init import build_sharded
+
+        self.pipe, self.model = build_sharded(
+            config, self.device, frozen_dtype=torch.bfloat16 if self.bf16 else torch.float32,
+            activation_checkpointing=config.activation_checkpointing, mp_bf16=self.bf16, fsdp=self.dist.sharded,
+        )
         self.pipe.set_progress_bar_config(disable=True)
-        self.pipe.to(self.device)
         self.trainable = {parallel.clean_name(n) for n, p in self.model.named_parameters() if p.requires_grad}
-        if self.bf16:  # frozen weights only take part in bf16 compute: store them so
-            for param in self.model.parameters():
-                if not param.requires_grad:
-                    param.data = param.data.to(torch.bfloat16)
-        if config.activation_checkpointing:
-            parallel.apply_activation_checkpointing(self.model)
-        if self.dist.sharded:
-            parallel.apply_fsdp(self.model, self.device, bf16=self.bf16)
         self.optimizer = build_optimizer(self.model, config)  # after sharding: DTensor params
         # The EMA shadows the same (sharded) parameter objects the optimizer updates.
         self.ema = None
@@ -479,7 +511,10 @@ class Trainer:
     def _batches(self):
         from .data import batches
 
-        return batches(self.stream, self.pipe.processor, self.config.batch_size)
+        loaded = batches(self.stream, self.pipe.processor, self.config.batch_size)
+        if not self.dist.sharded:
+            return loaded
+        return (with_vision_row(batch, self.pipe.processor) for batch in loaded)
 
     # -- the run's identity ----------------------------------------------------------------------
 
@@ -573,7 +608,12 @@ class Trainer:
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        return F.mse_loss(prediction.float(), target.float())
+        weights = batch.get("loss_weight")
+        if weights is None:
+            return F.mse_loss(prediction.float(), target.float())
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+        weights = weights.to(per_sample.device)
+        return (per_sample * weights).sum() / weights.sum()
 
     def train_step(self, batches: dict | list[dict]) -> dict[str, float]:
         """One optimizer update over one batch or several micro-batches (gradient accumulation);
