@@ -58,12 +58,16 @@ def _train(context, stage: int, config: StageConfig, shards: Path, cluster: Trai
     if not any(shards.glob("*.tar")):
         raise dg.Failure(f"no training shards in {shards}: materialize multimodal_captions_stage{stage} first")
     output_dir = Path(config.output_root) / f"stage{stage}"
+    version = dvc_hash(shards)
     overrides = [
         f"shards={shards}",
         f"output_dir={output_dir}",
-        "resume=latest",  # a re-materialization after a crash continues, it does not start over
+        # A re-materialization after a crash continues the same run; new data (another DVC hash)
+        # or another recipe is another run, started in its own folder beside the old one.
+        "resume=latest",
+        f"data_version={version}",
         f"tags.dagster_run_id={context.run_id}",
-        f"tags.data_dvc_hash={dvc_hash(shards)}",
+        f"tags.data_dvc_hash={version}",
         *extra,
         *config.overrides,
     ]

@@ -78,3 +78,12 @@ def test_init_from_missing_folder_is_an_error(tmp_path):
     config = load_train_config("configs/train_tiny.yaml", [f"init_from={tmp_path}"])
     with pytest.raises(ValueError, match="init_from="):
         estimate(config, world_size=1)
+
+
+def test_a_model_that_does_not_fit_the_world_size_fails_before_loading():
+    from mumu_model.training.sizing import check_fits
+
+    config = load_train_config("configs/train_stage1_paper.yaml")
+    assert check_fits(config, 8, 80 * 2**30).fits
+    with pytest.raises(ValueError, match=r"does not fit: estimated peak .* per GPU on 1 GPU\(s\) of 80\.0 GiB"):
+        check_fits(config, 1, 80 * 2**30)

@@ -61,6 +61,24 @@ def test_stage_assets_train_and_report_through_pipes(tmp_path):
     tags = [run.data.tags for run in runs]
     assert {t.get("data_dvc_hash") for t in tags} >= {dvc_hash(data / "captions" / "stage1")}
     assert all(t.get("dagster_run_id") == result.run_id for t in tags)
+    first = {k: v.value for k, v in events["stage1_model"].items()}
+    assert first["new_run"] is True and first["data_version"] == dvc_hash(data / "captions" / "stage1")
+
+    # The same data again: the same run, nothing new to train, and the metadata says so.
+    again = dg.materialize([stage1_model], resources=resources, run_config={"ops": {"stage1_model": run_config["ops"]["stage1_model"]}})
+    [event] = again.get_asset_materialization_events()
+    metadata = {k: v.value for k, v in event.materialization.metadata.items()}
+    assert metadata["new_run"] is False and metadata["run_id"] == first["run_id"]
+
+    # New captions (another DVC hash): a new run from step 0 with its own MLflow run; the old run stays.
+    write_shard(data / "captions" / "stage1" / "00000.tar", list(records(5))[1:])
+    renewed = dg.materialize([stage1_model], resources=resources, run_config={"ops": {"stage1_model": run_config["ops"]["stage1_model"]}})
+    [event] = renewed.get_asset_materialization_events()
+    metadata = {k: v.value for k, v in event.materialization.metadata.items()}
+    assert metadata["new_run"] is True and metadata["run_id"] != first["run_id"] and metadata["steps"] == 2
+    assert metadata["previous_run"].endswith(first["run_id"])
+    assert metadata["mlflow_run_id"] != first["mlflow_run_id"]
+    assert (tmp_path / "runs" / "stage1" / "runs" / first["run_id"] / "pipeline" / "model_index.json").is_file()
 
 
 def test_missing_shards_fail_clearly(tmp_path):

@@ -1,26 +1,59 @@
 """Training data: a deterministic, resumable stream of samples over the caption shards.
 
 Order. The shards (tar paths or glob patterns, expanded and sorted) are indexed once from their
-tar headers alone: every sample becomes a (shard, key, member offsets) entry, in shard order
-then file order. Epoch e visits all entries in a permutation seeded by (seed, e), and rank r of
-W takes entries r, r+W, r+2W, ... of it, so the ranks partition every epoch. A global shuffle,
-not shard order + in-shard order, because the data steps write the K styles of one content next
-to each other: in-shard order would fill a batch with near-copies of one prompt. Reading a
-sample is a seek into its shard, so each rank reads only its own samples.
+tar headers alone: every sample becomes an entry (shard, key, byte range of its members), in
+shard order then file order. Epoch e visits all entries in a permutation seeded by (seed, e),
+and rank r of W takes slots r, r+W, r+2W, ... of it, so the ranks partition every epoch and a
+step of per-rank batch B covers B*W consecutive slots of the permutation. A global shuffle, not
+shard order + in-shard order, because the data steps write the K styles of one content next to
+each other: in-shard order would fill a batch with near-copies of one prompt. Reading a sample
+is one read of its byte range, so each rank reads only its own samples.
+
+Indexing at scale. Indexing reads every tar header (one seek per member): with thousands of
+shards that takes minutes, on every rank. Given `gather` (a collective returning every rank's
+bytes in rank order, e.g. `parallel.all_gather_bytes`), rank r indexes only shards r, r+W, ...
+and the ranks exchange their parts as safetensors bytes (no pickle); every rank then holds the
+index it would have built alone, in the same order. Chosen over an index cache file: nothing
+to invalidate, nothing written beside DVC-tracked data or shared between nodes, and the first
+run is as fast as the next. The index is flat arrays (about 24 bytes + the key per sample),
+not an object per sample. Without `gather` every rank indexes every shard itself.
 
 Randomness. A sample's random decisions (conditioning dropout; which conditioning images are
 augmented, and how) come from an rng seeded by (seed, epoch, key) alone, never from a global
-rng: they do not depend on the rank, the world size, prefetching or where training resumed.
+rng: they do not depend on the rank, the world size, the workers or where training resumed.
 
 Resume. The state is (epoch, position): position counts the slots of this rank's share of the
 epoch already consumed, bad samples included, so `load_state_dict(state_dict())` on a fresh
-stream continues with exactly the next sample. Each rank saves and loads its own state.
+stream continues with exactly the next sample. Each rank saves its own state;
+`reshard_states` turns the states of W ranks into the state of a rank of another world size.
 
-Bad data never stops training. A damaged shard contributes the samples before the damage (as
-`read_shard` does); a sample without json or target image, with a prompt that does not parse,
-or with a corrupt image is skipped wherever it comes up. Each is counted once in
-`stream.skipped`. Skipping is a pure function of the data, so the other samples keep their
-places and a resumed stream skips the same ones.
+Workers. `make_loader` gives a `TrainingLoader`. Its main process walks the slots and alone
+holds the state; DataLoader worker processes read, decode, augment and run the encoder's
+processor on chunks of consecutive slots; the main process takes the usable results in slot
+order, B at a time, and pads their encodings into one batch (exactly what `collate` returns).
+So the batches and the states are the same for any number of workers, and a state taken
+between batches resumes at the next batch. Workers start by "forkserver": the server process
+imports this module once and every worker is a fork of that clean, single-threaded process.
+"fork" would copy a trainer that holds CUDA state and NCCL / OpenMP threads (unsafe); "spawn"
+is as safe but imports torch and transformers again in every worker.
+
+Bad data never stops training, and is reported. A damaged shard contributes the samples before
+the damage (as `read_shard` does); a sample without json or target image, whose prompt does not
+parse (or holds one of the encoder's reserved tokens), or with a corrupt image is skipped
+wherever it comes up. Each is counted once in `stream.skipped`. Skipping is a pure function of
+the data, so the other samples keep their places and a resumed stream skips the same ones.
+`data_report()` summarises it for the trainer's log; `check_bad_fraction(max_fraction)` raises
+`BadData`, naming the shards responsible, when more than that fraction of the data is unusable:
+
+    unreadable fraction = (estimated samples lost in damaged shards + distinct unusable
+                           samples found so far) / (samples indexed + estimated lost)
+
+What a damaged shard lost is unknown (nothing after the damage can be read), so it is taken to
+have held as many samples as the median intact shard (the data steps write shards of a fixed
+size), and at least one more than it kept (the sample in progress); with no intact shard to
+compare with, it is taken to have lost as many as it kept, at least one. Damaged shards count
+from the start; decode errors count as they are read, so the figure only grows and is exact
+after one epoch. It never raises on an unlucky first batch.
 """
 
 from __future__ import annotations
@@ -28,22 +61,31 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import io
 import json
+import multiprocessing
 import os
 import random
 import re
+import statistics
+import struct
 import sys
 import tarfile
-from collections import deque
-from collections.abc import Iterator, Sequence
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from safetensors import safe_open
+from safetensors.numpy import load as numpy_load
+from safetensors.numpy import save as numpy_save
 from safetensors.torch import save as safetensors_save
 
 from ..atomic import write_bytes_atomic
@@ -61,6 +103,9 @@ TARGET_FIELDS = ("jpg", "png")
 AUGMENTATIONS = ("crop", "flip", "noise", "grayscale")
 CROP_KEEP = (0.7, 1.0)  # share of each side a random crop keeps
 NOISE_SIGMA = 0.05  # Gaussian noise std on the [0, 1] pixel scale
+
+# Every rank's bytes in rank order; called by all ranks together (e.g. parallel.all_gather_bytes).
+Gather = Callable[[bytes], list[bytes]]
 
 
 @dataclass(frozen=True)
@@ -97,6 +142,11 @@ class TrainingSample:
     prompt: MultimodalPrompt  # after augmentation and dropout
     dropped: bool = False  # the conditioning was dropped: prompt is MultimodalPrompt()
     epoch: int = 0
+    index: int = -1  # the entry in the stream's index (-1: not from a stream)
+
+
+class BadData(RuntimeError):
+    """More of the training data is unreadable than the run allows; the message names the shards."""
 
 
 # -- randomness ----------------------------------------------------------------------------
@@ -116,11 +166,20 @@ def sample_rng(seed: int, epoch: int, key: str) -> random.Random:
 # -- per-sample transforms -----------------------------------------------------------------
 
 
+def target_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Pad to square with black, resize (bicubic) to `resolution`: [3, R, R] uint8."""
+    square = pad_to_square(to_rgb(image)).resize((resolution, resolution), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(square)).permute(2, 0, 1).contiguous()
+
+
+def pixels_to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels to float32 in [-1, 1] (any shape)."""
+    return pixels.float().div_(127.5).sub_(1.0)
+
+
 def target_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     """Pad to square with black, resize (bicubic) to `resolution`: [3, R, R] float in [-1, 1]."""
-    square = pad_to_square(to_rgb(image)).resize((resolution, resolution), Image.Resampling.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(square, dtype=np.float32))
-    return (pixels.permute(2, 0, 1) / 127.5 - 1.0).contiguous()
+    return pixels_to_unit(target_pixels(image, resolution))
 
 
 def augment_image(image: Image.Image, rng: random.Random) -> tuple[Image.Image, str]:
@@ -162,7 +221,7 @@ def augment_prompt(prompt: MultimodalPrompt, rng: random.Random, probability: fl
     return MultimodalPrompt(parts, max_images=None) if changed else prompt
 
 
-# -- shards --------------------------------------------------------------------------------
+# -- shards and their index -----------------------------------------------------------------
 
 Members = tuple[tuple[str, int, int], ...]  # (field, data offset, size) of each tar member
 
@@ -186,18 +245,26 @@ def expand_shards(patterns: Sequence[str]) -> list[Path]:
     return sorted(found)
 
 
-def index_shard(path: Path, skipped: Skipped) -> list[tuple[str, Members]]:
-    """(key, members) of each sample of a shard, from its tar headers only.
+class _Scanned(NamedTuple):
+    key: str
+    start: int  # offset of the sample's first header (extended headers included)
+    end: int  # end of its last member's data
+    members: Members
 
-    Groups members as `read_shard` does. A damaged shard keeps the samples before the damage,
-    drops the one in progress and is counted as "damaged_shard"; unlike `read_shard`, a shard cut
-    inside a header or at a member boundary counts as damaged too.
+
+def _scan_shard(path: Path) -> tuple[list[_Scanned], int, str | None]:
+    """(samples, file size, what is damaged or None) of a shard, from its tar headers only.
+
+    Groups members as `read_shard` does. A damaged shard keeps the samples before the damage and
+    drops the one in progress; unlike `read_shard`, a shard cut inside a header or at a member
+    boundary counts as damaged too.
     """
-    samples: list[tuple[str, Members]] = []
+    samples: list[_Scanned] = []
     key: str | None = None
+    start = end = size = 0
     members: list[tuple[str, int, int]] = []
     try:
-        file_size = path.stat().st_size
+        size = path.stat().st_size
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
                 if not member.isfile():
@@ -207,32 +274,174 @@ def index_shard(path: Path, skipped: Skipped) -> list[tuple[str, Members]]:
                     continue
                 if member_key != key:
                     if key is not None:
-                        samples.append((key, tuple(members)))
-                    key, members = member_key, []
-                if member.offset_data + member.size > file_size:
+                        samples.append(_Scanned(key, start, end, tuple(members)))
+                    key, start, members = member_key, member.offset, []
+                if member.offset_data + member.size > size:
                     raise tarfile.ReadError(f"member {member.name} is truncated")
                 members.append((sys.intern(field), member.offset_data, member.size))
+                end = member.offset_data + member.size
             # tarfile takes a header cut short, or garbage where a header should be, for the end
             # of the archive (and so does `read_shard`); a real end is zeros (no header starts
             # with a zero byte, so even a cut-short end block means nothing is missing).
             tar.fileobj.seek(tar.offset)
-            end = tar.fileobj.read(tarfile.BLOCKSIZE)
-            if not end or end.count(0) != len(end):
+            block = tar.fileobj.read(tarfile.BLOCKSIZE)
+            if not block or block.count(0) != len(block):
                 raise tarfile.ReadError(f"no end-of-archive block at offset {tar.offset}: truncated or damaged")
     except (tarfile.TarError, OSError, EOFError) as err:
-        last = samples[-1][0] if samples else None
-        skipped.add("damaged_shard", str(path), f"after sample {last!r} ({type(err).__name__}: {err})")
-        return samples
+        last = samples[-1].key if samples else None
+        return samples, size, f"after sample {last!r} ({type(err).__name__}: {err})"
     if key is not None:
-        samples.append((key, tuple(members)))
-    return samples
+        samples.append(_Scanned(key, start, end, tuple(members)))
+    return samples, size, None
 
 
-@dataclass(frozen=True, slots=True)  # one per sample of the dataset: keep it small
-class _Entry:
-    shard: int
-    key: str
-    members: Members
+def index_shard(path: Path, skipped: Skipped) -> list[tuple[str, Members]]:
+    """(key, members) of each sample of a shard, from its tar headers only; a damaged shard keeps
+    the samples before the damage and is counted in `skipped` as "damaged_shard"."""
+    samples, _, damaged = _scan_shard(Path(path))
+    if damaged is not None:
+        skipped.add("damaged_shard", str(path), damaged)
+    return [(sample.key, sample.members) for sample in samples]
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of safetensors bytes (an 8-byte little-endian length, then a JSON header)."""
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + length]).get("__metadata__") or {}
+
+
+class ShardIndex:
+    """Every sample of a list of shards as flat arrays, in shard order then file order.
+
+    Entry i is the key `key(i)` in shard `shard_of(i)`, its members in bytes
+    [start[i], start[i] + span[i]) of the file. `shards[s]` describes shard s:
+    {"size": bytes, "samples": entries kept, "damaged": what is damaged, or None}.
+    """
+
+    def __init__(self, paths: Sequence[Path], shards: list[dict], start: np.ndarray, span: np.ndarray,
+                 key_bytes: np.ndarray, key_lengths: np.ndarray):
+        self.paths = list(paths)
+        self.shards = shards
+        self.start = start
+        self.span = span
+        self._key_bytes = key_bytes
+        self._key_offsets = np.concatenate([[0], np.cumsum(key_lengths, dtype=np.int64)])
+        self._shard_offsets = np.concatenate([[0], np.cumsum([s["samples"] for s in shards], dtype=np.int64)])
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def key(self, index: int) -> str:
+        return self._key_bytes[self._key_offsets[index] : self._key_offsets[index + 1]].tobytes().decode()
+
+    def shard_of(self, index: int) -> int:
+        return int(np.searchsorted(self._shard_offsets, index, side="right")) - 1
+
+    def digest(self) -> str:
+        """Identifies the index a data state was taken on: shard names and keys, in order."""
+        # The bytes of "\n".join(f"{shard name}/{key}"), as before the index was flat arrays, so
+        # data states saved then still load.
+        listing, separator = hashlib.sha256(), b""
+        for shard, path in enumerate(self.paths):
+            for index in range(self._shard_offsets[shard], self._shard_offsets[shard + 1]):
+                listing.update(separator + f"{path.name}/{self.key(index)}".encode())
+                separator = b"\n"
+        return listing.hexdigest()[:16]
+
+
+def _listing_digest(paths: Sequence[Path]) -> str:
+    return hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()[:16]
+
+
+def _index_part(paths: Sequence[Path], shard_ids: Sequence[int]) -> bytes:
+    """Index the shards `shard_ids` of `paths`: safetensors bytes that `_merge_parts` reads."""
+    starts: list[int] = []
+    spans: list[int] = []
+    keys: list[bytes] = []
+    shards = []
+    for shard in shard_ids:
+        samples, size, damaged = _scan_shard(paths[shard])
+        shards.append({"shard": shard, "size": size, "samples": len(samples), "damaged": damaged})
+        for sample in samples:
+            starts.append(sample.start)
+            spans.append(sample.end - sample.start)
+            keys.append(sample.key.encode())
+    tensors = {
+        "start": np.asarray(starts, dtype=np.int64),
+        "span": np.asarray(spans, dtype=np.int64),
+        "key_lengths": np.asarray([len(key) for key in keys], dtype=np.int64),
+        "key_bytes": np.frombuffer(b"".join(keys), dtype=np.uint8),
+    }
+    return numpy_save(tensors, metadata={"listing": _listing_digest(paths), "shards": json.dumps(shards)})
+
+
+def _merge_parts(paths: Sequence[Path], parts: Sequence[bytes]) -> ShardIndex:
+    """One index from parts that together cover every shard once, in shard order."""
+    listing = _listing_digest(paths)
+    found: dict[int, tuple] = {}  # shard -> (info, start, span, key lengths, key bytes)
+    for rank, data in enumerate(parts):
+        metadata = _safetensors_metadata(data)
+        if metadata.get("listing") != listing:
+            raise ValueError(
+                f"rank {rank} found other shard files than this rank ({len(paths)} files): every rank "
+                "must see the same files under the same paths"
+            )
+        arrays = numpy_load(data)
+        sample, key_byte = 0, 0
+        for info in json.loads(metadata["shards"]):
+            count = info.pop("samples")
+            lengths = arrays["key_lengths"][sample : sample + count]
+            length = int(lengths.sum())
+            found[info.pop("shard")] = (
+                {**info, "samples": count},
+                arrays["start"][sample : sample + count],
+                arrays["span"][sample : sample + count],
+                lengths,
+                arrays["key_bytes"][key_byte : key_byte + length],
+            )
+            sample, key_byte = sample + count, key_byte + length
+    missing = sorted(set(range(len(paths))) - set(found))
+    if missing:
+        raise ValueError(f"no rank indexed shard(s) {[str(paths[i]) for i in missing[:3]]}")
+    ordered = [found[shard] for shard in range(len(paths))]
+    join = lambda column, dtype: np.concatenate([np.zeros(0, dtype)] + [part[column] for part in ordered])  # noqa: E731
+    return ShardIndex(paths, [part[0] for part in ordered], join(1, np.int64), join(2, np.int64),
+                      join(4, np.uint8), join(3, np.int64))
+
+
+def build_index(paths: Sequence[Path], rank: int = 0, world_size: int = 1, gather: Gather | None = None) -> ShardIndex:
+    """The index of `paths`. With `gather` (collective: every rank calls it), rank r reads the
+    headers of shards r, r+W, ... only and the ranks exchange their parts; without it, this
+    process reads them all. Both give the same index."""
+    paths = list(paths)
+    if gather is None or world_size == 1:
+        return _merge_parts(paths, [_index_part(paths, range(len(paths)))])
+    parts = gather(_index_part(paths, range(rank, len(paths), world_size)))
+    if len(parts) != world_size:
+        raise ValueError(f"gather returned {len(parts)} parts for {world_size} ranks")
+    return _merge_parts(paths, parts)
+
+
+def _read_sample(path: str | Path, key: str, start: int, span: int) -> Sample:
+    """The members of one sample: one read of its byte range, parsed as tar."""
+    with open(path, "rb") as file:
+        file.seek(start)
+        data = file.read(span)
+    if len(data) != span:
+        raise OSError(f"sample {key!r} is truncated (shard changed since indexing?)")
+    sample: Sample = {}
+    # The range ends with the last member's data: add its block padding and an end-of-archive
+    # block, which tarfile expects.
+    archive = data + bytes(-len(data) % tarfile.BLOCKSIZE + 2 * tarfile.BLOCKSIZE)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:") as tar:
+            for member in tar:
+                member_key, dot, field = member.name.rsplit("/", 1)[-1].partition(".")
+                if member.isfile() and dot and member_key == key:
+                    sample[field] = data[member.offset_data : member.offset_data + member.size]
+    except tarfile.TarError as err:
+        raise OSError(f"sample {key!r}: tar headers unreadable (shard changed since indexing?): {err}") from err
+    return sample
 
 
 @dataclass(frozen=True)
@@ -240,6 +449,51 @@ class _Bad:
     reason: str
     where: str  # "shard:key"
     detail: str
+
+
+def _decode(config: DataConfig, sample: Sample, key: str, where: str, epoch: int, index: int,
+            pixels: bool = False) -> TrainingSample | _Bad:
+    """The training sample of one record in one epoch, or why it is unusable. Pure. With
+    `pixels`, its target is left as uint8 pixels (`target_pixels`), 4x less to pass around."""
+    try:
+        meta = sample_json(sample, key)
+        if not isinstance(meta, dict) or not isinstance(meta.get("prompt"), str):
+            raise ShardError(f"sample {key!r}: its json has no 'prompt' string")
+        field = next((name for name in TARGET_FIELDS if name in sample), None)
+        if field is None:
+            raise ShardError(f"sample {key!r} has no target image ({' or '.join(TARGET_FIELDS)})")
+        target = decode_image(sample[field], f"{key}.{field}")
+        prompt = sample_prompt(sample, key, max_images=config.max_images)
+    except ImageLoadError as err:
+        return _Bad("bad_image", where, str(err))
+    except PromptError as err:
+        return _Bad("bad_prompt", where, str(err))
+    except ShardError as err:
+        return _Bad("bad_record", where, str(err))
+
+    rng = sample_rng(config.seed, epoch, key)
+    # Dropout is drawn first, so it does not depend on how many images the prompt has.
+    dropped = rng.random() < config.conditioning_dropout
+    if dropped:
+        # Exactly the unconditional branch `MUMUPipeline.__call__` encodes for guidance (the
+        # empty prompt, through the same `encoder_inputs`), so guidance contrasts the prompt
+        # with what the model learned for "no conditioning".
+        prompt = MultimodalPrompt()
+    else:
+        prompt = augment_prompt(prompt, rng, config.augment_probability)
+    # Targets are never augmented (and cached latents rely on it).
+    target = target_pixels(target, config.resolution) if pixels else target_tensor(target, config.resolution)
+    return TrainingSample(key, target, prompt, dropped, epoch, index)
+
+
+def _load_entry(config: DataConfig, path: str | Path, key: str, start: int, span: int, epoch: int,
+                index: int, pixels: bool = False) -> TrainingSample | _Bad:
+    where = f"{Path(path).name}:{key}"
+    try:
+        sample = _read_sample(path, key, start, span)
+    except OSError as err:
+        return _Bad("unreadable_sample", where, f"{type(err).__name__}: {err}")
+    return _decode(config, sample, key, where, epoch, index, pixels)
 
 
 # -- the stream ----------------------------------------------------------------------------
@@ -255,10 +509,15 @@ class ShardStream:
 
     `prefetch` > 0 decodes that many samples ahead in threads (PIL releases the GIL while
     decoding and resizing). Results are consumed in order, so the stream and its state are
-    the same with or without it. (DataLoader workers would hold the state in other processes.)
+    the same with or without it. For worker processes, use `make_loader`.
+
+    `gather` (collective, see the module docstring) splits indexing between the ranks and makes
+    `data_report` / `check_bad_fraction` add up what every rank found; with it, every rank must
+    construct the stream and call those two methods at the same points.
     """
 
-    def __init__(self, config: DataConfig, rank: int = 0, world_size: int = 1, *, prefetch: int = 0):
+    def __init__(self, config: DataConfig, rank: int = 0, world_size: int = 1, *, prefetch: int = 0,
+                 gather: Gather | None = None):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
         if prefetch < 0:
@@ -267,23 +526,23 @@ class ShardStream:
         self.rank = rank
         self.world_size = world_size
         self.prefetch = prefetch
+        self.gather = gather
         self.skipped = Skipped()
         self.shards = expand_shards(config.shards)
-        self._entries = [
-            _Entry(shard, key, members)
-            for shard, path in enumerate(self.shards)
-            for key, members in index_shard(path, self.skipped)
-        ]
-        if len(self._entries) < world_size:
+        self.index = build_index(self.shards, rank, world_size, gather)
+        for path, info in zip(self.shards, self.index.shards):
+            if info["damaged"] is not None:
+                self.skipped.add("damaged_shard", str(path), info["damaged"])
+        if len(self.index) < world_size:
             raise ValueError(
-                f"{len(self._entries)} samples in the {len(self.shards)} shard(s) matching "
+                f"{len(self.index)} samples in the {len(self.shards)} shard(s) matching "
                 f"{', '.join(map(repr, config.shards))}, fewer than the {world_size} ranks "
                 f"(skipped: {self.skipped.as_dict()['by_reason']})"
             )
-        # Identifies the index a state was taken on: shard names and keys in order.
-        listing = "\n".join(f"{self.shards[e.shard].name}/{e.key}" for e in self._entries)
-        self._dataset = hashlib.sha256(listing.encode()).hexdigest()[:16]
-        self._bad: dict[int, _Bad] = {}  # entry index -> why it is unusable (found so far)
+        self._dataset = self.index.digest()
+        self._bad: dict[int, _Bad] = {}  # entry -> why it is unusable in every epoch (found so far)
+        self._unusable: dict[int, _Bad] = {}  # + those whose prompt holds a reserved token
+        self._read = 0  # slots this rank consumed, for the report
         self._order: tuple[int, list[int]] | None = None  # (epoch, this rank's entries) cache
         self._epoch = 0
         self._position = 0
@@ -291,12 +550,12 @@ class ShardStream:
     @property
     def num_samples(self) -> int:
         """Samples indexed over all ranks (bad ones included; they are found when read)."""
-        return len(self._entries)
+        return len(self.index)
 
     @property
     def samples_per_epoch(self) -> int:
         """Slots of this rank's share of an epoch (ranks differ by at most one)."""
-        return len(range(self.rank, len(self._entries), self.world_size))
+        return len(range(self.rank, len(self.index), self.world_size))
 
     # -- state -----------------------------------------------------------------------------
 
@@ -307,7 +566,7 @@ class ShardStream:
             "rank": self.rank,
             "world_size": self.world_size,
             "seed": self.config.seed,
-            "num_samples": len(self._entries),
+            "num_samples": len(self.index),
             "dataset": self._dataset,
         }
 
@@ -316,7 +575,7 @@ class ShardStream:
             "rank": self.rank,
             "world_size": self.world_size,
             "seed": self.config.seed,
-            "num_samples": len(self._entries),
+            "num_samples": len(self.index),
             "dataset": self._dataset,
         }
         # A state from another rank, seed, world size or dataset names other samples: resuming
@@ -342,6 +601,7 @@ class ShardStream:
                     self._check_usable()  # a whole epoch (of this rank) without a usable sample
                 epoch, yielded = slot_epoch, 0
             self._epoch, self._position = slot_epoch, position + 1
+            self._read += 1
             if isinstance(result, _Bad):
                 self._record_bad(index, result)
                 continue
@@ -350,7 +610,7 @@ class ShardStream:
 
     def _rank_order(self, epoch: int) -> list[int]:
         if self._order is None or self._order[0] != epoch:
-            order = list(range(len(self._entries)))
+            order = list(range(len(self.index)))
             _rng(self.config.seed, "order", epoch).shuffle(order)
             self._order = (epoch, order[self.rank :: self.world_size])
         return self._order[1]
@@ -382,72 +642,142 @@ class ShardStream:
                 for *_, future in pending:
                     future.cancel()
 
+    def _entry(self, index: int) -> tuple[int, str, int, int]:
+        """(shard, key, start, span) of an entry."""
+        return self.index.shard_of(index), self.index.key(index), int(self.index.start[index]), int(self.index.span[index])
+
     def _load(self, epoch: int, index: int) -> TrainingSample | _Bad:
         """The sample of one slot, or why it is unusable. Pure: the same for the same arguments."""
         if index in self._bad:
             return self._bad[index]
-        entry = self._entries[index]
-        key = entry.key
-        where = f"{self.shards[entry.shard].name}:{key}"
-        try:
-            sample = self._read(entry)
-        except OSError as err:
-            return _Bad("unreadable_sample", where, f"{type(err).__name__}: {err}")
-        try:
-            meta = sample_json(sample, key)
-            if not isinstance(meta, dict) or not isinstance(meta.get("prompt"), str):
-                raise ShardError(f"sample {key!r}: its json has no 'prompt' string")
-            field = next((name for name in TARGET_FIELDS if name in sample), None)
-            if field is None:
-                raise ShardError(f"sample {key!r} has no target image ({' or '.join(TARGET_FIELDS)})")
-            target = decode_image(sample[field], f"{key}.{field}")
-            prompt = sample_prompt(sample, key, max_images=self.config.max_images)
-        except ImageLoadError as err:
-            return _Bad("bad_image", where, str(err))
-        except PromptError as err:
-            return _Bad("bad_prompt", where, str(err))
-        except ShardError as err:
-            return _Bad("bad_record", where, str(err))
+        shard, key, start, span = self._entry(index)
+        return _load_entry(self.config, self.shards[shard], key, start, span, epoch, index)
 
-        rng = sample_rng(self.config.seed, epoch, key)
-        # Dropout is drawn first, so it does not depend on how many images the prompt has.
-        dropped = rng.random() < self.config.conditioning_dropout
-        if dropped:
-            # Exactly the unconditional branch `MUMUPipeline.__call__` encodes for guidance (the
-            # empty prompt, through the same `encoder_inputs`), so guidance contrasts the
-            # prompt with what the model learned for "no conditioning".
-            prompt = MultimodalPrompt()
-        else:
-            prompt = augment_prompt(prompt, rng, self.config.augment_probability)
-        # Targets are never augmented (and cached latents rely on it).
-        return TrainingSample(key, target_tensor(target, self.config.resolution), prompt, dropped, epoch)
+    def _where(self, index: int) -> str:
+        return f"{self.shards[self.index.shard_of(index)].name}:{self.index.key(index)}"
 
-    def _read(self, entry: _Entry) -> Sample:
-        sample: Sample = {}
-        with open(self.shards[entry.shard], "rb") as file:
-            for field, offset, size in entry.members:
-                file.seek(offset)
-                data = file.read(size)
-                if len(data) != size:
-                    raise OSError(f"member {entry.key}.{field} is truncated (shard changed since indexing?)")
-                sample[field] = data
-        return sample
-
-    def _record_bad(self, index: int, bad: _Bad) -> None:
-        if index not in self._bad:  # count each bad sample once, however often it comes up
-            self._bad[index] = bad
+    def _record_bad(self, index: int, bad: _Bad, permanent: bool = True) -> None:
+        """Note an unusable entry; counted once however often it comes up. Not `permanent` (a
+        reserved token in the prompt): usable in an epoch that drops its prompt."""
+        if permanent:
+            self._bad.setdefault(index, bad)
+        if index not in self._unusable:
+            self._unusable[index] = bad
             self.skipped.add(bad.reason, bad.where, bad.detail)
 
     def _check_usable(self) -> None:
         """Raise if no sample is usable; reads the unknown ones until one is (normally the first)."""
-        for index in range(len(self._entries)):
+        for index in range(len(self.index)):
             result = self._load(0, index)
             if not isinstance(result, _Bad):
                 return
             self._record_bad(index, result)
         raise RuntimeError(
-            f"none of the {len(self._entries)} samples in {', '.join(map(repr, self.config.shards))} is usable "
+            f"none of the {len(self.index)} samples in {', '.join(map(repr, self.config.shards))} is usable "
             f"(skipped: {dict(self.skipped.counts)}; e.g. {self.skipped.examples})"
+        )
+
+    # -- bad data report ----------------------------------------------------------------------
+
+    def estimated_lost(self) -> dict[int, int]:
+        """shard -> samples taken to be lost after its damage (the rule of the module docstring)."""
+        intact = [info["samples"] for info in self.index.shards if info["damaged"] is None and info["samples"]]
+        reference = statistics.median(intact) if intact else None
+        lost = {}
+        for shard, info in enumerate(self.index.shards):
+            if info["damaged"] is not None:
+                kept = info["samples"]
+                lost[shard] = max(1, round(reference) - kept) if reference is not None else max(1, kept)
+        return lost
+
+    def data_report(self, examples: int = 3) -> dict:
+        """What is unusable in the data, for the log (JSON-able):
+
+        {"samples_indexed", "shards", "damaged_shards", "estimated_lost" (in damaged shards),
+        "samples_read" (slots consumed), "unusable_samples" (distinct, found so far),
+        "unreadable_fraction", "by_reason": {reason: {"count", "examples" (up to `examples`)}},
+        "worst_shards": [{"shard" (path), "unusable", "estimated_lost", "damaged", "reasons"}] (up to 5)}
+
+        Collective with `gather`: every rank calls it, and all get the figures of all ranks.
+        """
+        # What this rank found: entry indices by reason (ranks may find the same entry in different
+        # epochs), and the text of the first few, which are the first few of the union too.
+        found: dict[str, list[int]] = {}
+        for index, bad in sorted(self._unusable.items()):
+            found.setdefault(bad.reason, []).append(index)
+        texts = {reason: [[i, f"{self._unusable[i].where}: {self._unusable[i].detail}"] for i in indices[:examples]]
+                 for reason, indices in found.items()}
+        part = json.dumps({"read": self._read, "found": found, "examples": texts}).encode()
+        parts = self.gather(part) if self.gather is not None and self.world_size > 1 else [part]
+        read, unusable, candidates = 0, {}, {}
+        for blob in parts:
+            loaded = json.loads(blob)
+            read += loaded["read"]
+            for reason, indices in loaded["found"].items():
+                unusable.update(dict.fromkeys(indices, reason))
+                candidates.setdefault(reason, {}).update(dict(loaded["examples"][reason]))
+
+        by_reason: dict[str, dict] = {}
+        per_shard: dict[int, Counter] = {}
+        for index, reason in unusable.items():
+            by_reason.setdefault(reason, {"count": 0, "examples": []})["count"] += 1
+            per_shard.setdefault(self.index.shard_of(index), Counter())[reason] += 1
+        for reason, entry in by_reason.items():
+            entry["examples"] = [text for _, text in sorted(candidates[reason].items())[:examples]]
+        lost = self.estimated_lost()
+        if lost:
+            by_reason["damaged_shard"] = {
+                "count": len(lost),
+                "examples": [f"{self.shards[s]}: {self.index.shards[s]['damaged']}" for s in sorted(lost)[:examples]],
+            }
+        worst = []
+        for shard in set(per_shard) | set(lost):
+            reasons = per_shard.get(shard, Counter())
+            worst.append({
+                "shard": str(self.shards[shard]),
+                "unusable": sum(reasons.values()),
+                "estimated_lost": lost.get(shard, 0),
+                "damaged": self.index.shards[shard]["damaged"],
+                "reasons": dict(sorted(reasons.items())),
+            })
+        worst.sort(key=lambda item: (-(item["unusable"] + item["estimated_lost"]), item["shard"]))
+        total_lost = sum(lost.values())
+        return {
+            "samples_indexed": len(self.index),
+            "shards": len(self.shards),
+            "damaged_shards": len(lost),
+            "estimated_lost": total_lost,
+            "samples_read": read,
+            "unusable_samples": len(unusable),
+            "unreadable_fraction": (total_lost + len(unusable)) / (len(self.index) + total_lost),
+            "by_reason": dict(sorted(by_reason.items())),
+            "worst_shards": worst[:5],
+        }
+
+    def check_bad_fraction(self, max_fraction: float = 0.01) -> dict:
+        """`data_report()`, or `BadData` naming the worst shards when its unreadable fraction
+        exceeds `max_fraction`. Collective with `gather`, like `data_report`, so all ranks stop
+        together."""
+        if not 0.0 <= max_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_fraction}")
+        report = self.data_report()
+        if report["unreadable_fraction"] <= max_fraction:
+            return report
+        named = []
+        for shard in report["worst_shards"]:
+            what = []
+            if shard["damaged"] is not None:
+                what.append(f"damaged {shard['damaged']}, about {shard['estimated_lost']} sample(s) lost")
+            if shard["unusable"]:
+                reasons = ", ".join(f"{reason} {count}" for reason, count in shard["reasons"].items())
+                what.append(f"{shard['unusable']} unusable sample(s): {reasons}")
+            named.append(f"{shard['shard']} ({'; '.join(what)})")
+        raise BadData(
+            f"{report['unreadable_fraction']:.2%} of the training data is unreadable, more than "
+            f"max_bad_fraction={max_fraction:g} ({report['unusable_samples']} unusable of {report['samples_indexed']} "
+            f"samples indexed, {report['samples_read']} read so far; about {report['estimated_lost']} more lost in "
+            f"{report['damaged_shards']} damaged shard(s)). Worst: {'; '.join(named)}. Repair or remove these "
+            f"shards, or raise max_bad_fraction"
         )
 
 
@@ -472,31 +802,340 @@ def _reserved_tokens(processor) -> list[str]:
     return [processor.image_token, processor.fake_image_token, str(processor.end_of_utterance_token)]
 
 
+def _reserved_token_in(sample: TrainingSample, reserved: list[str]) -> str | None:
+    text = sample.prompt.text_with_placeholders("")
+    return next((token for token in reserved if token in text), None)
+
+
 def batches(stream: ShardStream, processor, batch_size: int) -> Iterator[dict]:
-    """Collated batches of `batch_size` samples, endlessly.
+    """Collated batches of `batch_size` samples, endlessly, decoded in this process.
 
     A prompt whose text holds one of the encoder's reserved tokens (e.g. a literal "<image>")
     would make `encoder_inputs` fail the whole batch; such samples are skipped and counted in
-    `stream.skipped` as "reserved_token" (once per key). Nothing is read ahead: a
+    `stream.skipped` as "reserved_token" (once per sample). Nothing is read ahead: a
     `stream.state_dict()` taken after a batch came out resumes at the next batch.
+    `make_loader` gives the same batches, decoded in worker processes.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     reserved = _reserved_tokens(processor)
-    counted: set[str] = set()
     batch: list[TrainingSample] = []
     for sample in stream:
-        text = sample.prompt.text_with_placeholders("")
-        bad = next((token for token in reserved if token in text), None)
-        if bad is not None:
-            if sample.key not in counted:
-                counted.add(sample.key)
-                stream.skipped.add("reserved_token", sample.key, f"prompt text contains {bad!r}")
+        token = _reserved_token_in(sample, reserved)
+        if token is not None:
+            bad = _Bad("reserved_token", stream._where(sample.index), f"prompt text contains {token!r}")
+            stream._record_bad(sample.index, bad, permanent=False)
             continue
         batch.append(sample)
         if len(batch) == batch_size:
             yield collate(batch, processor)
             batch = []
+
+
+def merge_encoder_inputs(inputs: Sequence[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The batch `encoder_inputs` makes of several prompts, from each prompt's own
+    `encoder_inputs`: tokens right-padded with the pad token (mask 0), and images padded with
+    all-zero images (mask 0), as the Idefics2 processor pads a batch (the loader's test checks
+    it against `collate`)."""
+    known = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")
+    for one in inputs:
+        unknown = set(one) - set(known)
+        if unknown:
+            raise ValueError(f"cannot merge encoder inputs with {sorted(unknown)}: only {list(known)}")
+    size = len(inputs)
+    length = max(one["input_ids"].shape[1] for one in inputs)
+    merged = {
+        "input_ids": torch.full((size, length), pad_token_id, dtype=inputs[0]["input_ids"].dtype),
+        "attention_mask": torch.zeros((size, length), dtype=inputs[0]["attention_mask"].dtype),
+    }
+    for row, one in enumerate(inputs):
+        merged["input_ids"][row, : one["input_ids"].shape[1]] = one["input_ids"][0]
+        merged["attention_mask"][row, : one["attention_mask"].shape[1]] = one["attention_mask"][0]
+    with_images = [one for one in inputs if "pixel_values" in one]
+    if with_images:
+        first = with_images[0]
+        count, channels = max(one["pixel_values"].shape[1] for one in with_images), first["pixel_values"].shape[2]
+        height = max(one["pixel_values"].shape[3] for one in with_images)
+        width = max(one["pixel_values"].shape[4] for one in with_images)
+        pixels = torch.zeros((size, count, channels, height, width), dtype=first["pixel_values"].dtype)
+        mask = torch.zeros((size, count, height, width), dtype=first["pixel_attention_mask"].dtype)
+        for row, one in enumerate(inputs):
+            if "pixel_values" in one:
+                images, _, h, w = one["pixel_values"].shape[1:]
+                pixels[row, :images, :, :h, :w] = one["pixel_values"][0]
+                mask[row, :images, :h, :w] = one["pixel_attention_mask"][0]
+        merged["pixel_values"], merged["pixel_attention_mask"] = pixels, mask
+    return merged
+
+
+# -- the loader: worker processes ------------------------------------------------------------
+
+
+class _Slot(NamedTuple):
+    epoch: int
+    position: int
+    index: int
+    shard: int
+    key: str
+    start: int
+    span: int
+    known: _Bad | None  # already known to be unusable in every epoch: not read again
+
+
+@dataclass
+class _Encoded:
+    """A usable sample as a worker returns it: what `collate` needs, the prompt already encoded.
+
+    Few tensors cross between processes: each one is a shared-memory file and a file descriptor
+    passed over a socket, which costs more than a tiny sample's decoding. So a chunk's targets
+    travel stacked in one tensor (`row` of it) as uint8 pixels (4x less memory to map than
+    floats; the main process converts the batch), and the small encoder inputs as numpy arrays,
+    pickled inline.
+    """
+
+    key: str
+    row: int  # of the chunk's targets
+    dropped: bool
+    inputs: dict[str, np.ndarray]  # encoder_inputs(processor, [prompt]): batch of one
+
+
+def _as_is(chunk):
+    return chunk  # DataLoader's collate_fn: the main process assembles the batches itself
+
+
+class _ChunkDecoder(torch.utils.data.Dataset):
+    """What a worker runs: the slots of one chunk, read, decoded, augmented and encoded."""
+
+    def __init__(self, config: DataConfig, shards: Sequence[Path], processor):
+        self.config = config
+        self.shards = [str(path) for path in shards]
+        self.processor = processor
+        self.reserved = _reserved_tokens(processor)
+
+    def __getitem__(self, chunk: tuple[_Slot, ...]) -> tuple[list[tuple[_Slot, _Encoded | _Bad]], torch.Tensor | None]:
+        """((slot, result) for each slot, the usable samples' targets stacked or None)."""
+        results: list[tuple[_Slot, _Encoded | _Bad]] = []
+        targets = []
+        for slot in chunk:
+            path = self.shards[slot.shard]
+            result = slot.known or _load_entry(self.config, path, slot.key, slot.start, slot.span, slot.epoch,
+                                               slot.index, pixels=True)
+            if isinstance(result, TrainingSample):
+                token = _reserved_token_in(result, self.reserved)
+                if token is None:
+                    inputs = {name: value.numpy() for name, value in encoder_inputs(self.processor, [result.prompt]).items()}
+                    targets.append(result.target)
+                    result = _Encoded(result.key, len(targets) - 1, result.dropped, inputs)
+                else:
+                    result = _Bad("reserved_token", f"{Path(path).name}:{slot.key}", f"prompt text contains {token!r}")
+            results.append((slot, result))
+        return results, torch.stack(targets) if targets else None
+
+
+class _Chunks:
+    """The sampler: chunks of consecutive slots from (epoch, position) on, never across an
+    epoch's end. Runs in the main process, so it can skip reading entries known to be bad."""
+
+    def __init__(self, stream: ShardStream, epoch: int, position: int, size: int):
+        self.stream, self.epoch, self.position, self.size = stream, epoch, position, size
+
+    def __iter__(self) -> Iterator[tuple[_Slot, ...]]:
+        stream, epoch, start = self.stream, self.epoch, self.position
+        while True:
+            order = stream._rank_order(epoch)
+            for first in range(start, len(order), self.size):
+                positions = range(first, min(first + self.size, len(order)))
+                yield tuple(_Slot(epoch, p, order[p], *stream._entry(order[p]), stream._bad.get(order[p])) for p in positions)
+            epoch, start = epoch + 1, 0
+
+
+def _worker_context(name: str) -> multiprocessing.context.BaseContext:
+    context = multiprocessing.get_context(name)
+    if name == "forkserver":
+        # The server imports this module (torch, transformers, PIL) once; each worker is a fork
+        # of it. No effect if the server already runs.
+        context.set_forkserver_preload([__name__])
+    return context
+
+
+class TrainingLoader:
+    """Collated batches (the dict of `collate`) from a `ShardStream`, endlessly, decoded by
+    `num_workers` worker processes (0: in this process), `prefetch_factor` chunks ahead each.
+
+    The same batches as `batches(stream, processor, batch_size)` for any `num_workers`.
+    `state_dict()` between batches (also `loader.stream.state_dict()`) resumes exactly at the
+    next batch: nothing the workers decoded ahead counts as consumed. Call `load_state_dict`
+    before iterating; it stops a running iteration. `close()` stops the workers.
+    """
+
+    def __init__(self, stream: ShardStream, processor, batch_size: int, *, num_workers: int = 0,
+                 prefetch_factor: int = 2, multiprocessing_context: str = "forkserver"):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if prefetch_factor < 1:
+            raise ValueError(f"prefetch_factor must be >= 1, got {prefetch_factor}")
+        if multiprocessing_context not in ("forkserver", "spawn"):
+            raise ValueError(f"multiprocessing_context must be 'forkserver' or 'spawn' (fork is unsafe in a "
+                             f"trainer with threads), got {multiprocessing_context!r}")
+        self.stream = stream
+        self.processor = processor
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
+        self.multiprocessing_context = multiprocessing_context
+        self._pad_token_id = processor.tokenizer.pad_token_id
+        self._decoder = _ChunkDecoder(stream.config, stream.shards, processor)
+        self._running: Iterator[dict] | None = None
+
+    @property
+    def skipped(self) -> Skipped:
+        return self.stream.skipped
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.close()
+        self.stream.load_state_dict(state)
+
+    def data_report(self, examples: int = 3) -> dict:
+        return self.stream.data_report(examples)
+
+    def check_bad_fraction(self, max_fraction: float = 0.01) -> dict:
+        return self.stream.check_bad_fraction(max_fraction)
+
+    def close(self) -> None:
+        """Stop the running iteration and its workers."""
+        if self._running is not None:
+            self._running.close()
+            self._running = None
+
+    def __iter__(self) -> Iterator[dict]:
+        self.close()
+        self._running = self._batches()
+        return self._running
+
+    def _batches(self) -> Iterator[dict]:
+        stream = self.stream
+        workers = self.num_workers
+        loader = torch.utils.data.DataLoader(
+            self._decoder,
+            batch_size=None,
+            sampler=_Chunks(stream, stream._epoch, stream._position, self.batch_size),
+            num_workers=workers,
+            collate_fn=_as_is,
+            prefetch_factor=self.prefetch_factor if workers else None,
+            multiprocessing_context=_worker_context(self.multiprocessing_context) if workers else None,
+        )
+        pending: list[tuple[_Encoded, torch.Tensor]] = []
+        epoch, usable = None, 0
+        chunks = iter(loader)
+        try:
+            for chunk, targets in chunks:
+                for slot, result in chunk:
+                    if slot.epoch != epoch:
+                        if epoch is not None and usable == 0:
+                            stream._check_usable()  # a whole epoch (of this rank) without a usable sample
+                        epoch, usable = slot.epoch, 0
+                    stream._read += 1
+                    if isinstance(result, _Bad):
+                        stream._record_bad(slot.index, result, permanent=result.reason != "reserved_token")
+                        continue
+                    usable += 1
+                    pending.append((result, targets[result.row]))
+                    if len(pending) == self.batch_size:
+                        stream._epoch, stream._position = slot.epoch, slot.position + 1
+                        batch, pending = self._collate(pending), []
+                        yield batch
+        finally:
+            del chunks  # shuts the workers down
+
+    def _collate(self, samples: list[tuple[_Encoded, torch.Tensor]]) -> dict:
+        inputs = [{name: torch.from_numpy(value) for name, value in sample.inputs.items()} for sample, _ in samples]
+        return {
+            "pixel_values": pixels_to_unit(torch.stack([target for _, target in samples])),
+            "encoder_inputs": merge_encoder_inputs(inputs, self._pad_token_id),
+            "keys": [sample.key for sample, _ in samples],
+            "dropped": torch.tensor([sample.dropped for sample, _ in samples], dtype=torch.bool),
+        }
+
+
+def make_loader(config: DataConfig, processor, batch_size: int, rank: int = 0, world_size: int = 1,
+                num_workers: int = 0, prefetch_factor: int = 2, *, gather: Gather | None = None,
+                multiprocessing_context: str = "forkserver") -> TrainingLoader:
+    """This rank's `TrainingLoader` over `config.shards` (see `ShardStream` for `gather`)."""
+    stream = ShardStream(config, rank, world_size, gather=gather)
+    return TrainingLoader(stream, processor, batch_size, num_workers=num_workers, prefetch_factor=prefetch_factor,
+                          multiprocessing_context=multiprocessing_context)
+
+
+# -- another world size --------------------------------------------------------------------
+
+
+def global_data_position(states: Sequence[dict]) -> tuple[int, int, bool]:
+    """(epoch, g, exact): the W ranks whose states these are (in rank order) consumed the slots
+    [0, g) of that epoch's permutation; exact when they consumed nothing else.
+
+    Rank r at position p consumed the slots r, r+W, ..., r+(p-1)W. A rank at the end of its
+    share counts as at the start of the next epoch. When the ranks disagree (one skipped more
+    bad samples than another, so it read further), g is the longest prefix all of them covered
+    and exact is False: resuming at g serves again the few samples read beyond it.
+    """
+    if not states:
+        raise ValueError("no data states to reshard")
+    world = len(states)
+    first = states[0]
+    total = first.get("num_samples")
+    if not isinstance(total, int) or total < world:
+        raise ValueError(f"data states: num_samples must be an int >= {world}, got {total!r}")
+    for rank, state in enumerate(states):
+        if state.get("rank") != rank or state.get("world_size") != world:
+            raise ValueError(f"data state {rank} is rank {state.get('rank')!r} of {state.get('world_size')!r}, "
+                             f"expected rank {rank} of {world}")
+        for name in ("seed", "num_samples", "dataset"):
+            if state.get(name) != first.get(name):
+                raise ValueError(f"data states disagree on {name}: {first.get(name)!r} vs {state.get(name)!r}")
+    positions = []
+    for rank, state in enumerate(states):
+        epoch, position, share = state.get("epoch"), state.get("position"), len(range(rank, total, world))
+        if not isinstance(epoch, int) or epoch < 0 or not isinstance(position, int) or not 0 <= position <= share:
+            raise ValueError(f"data state of rank {rank}: bad epoch/position {epoch!r}/{position!r}")
+        positions.append((epoch + 1, 0) if position == share else (epoch, position))
+    epoch = min(e for e, _ in positions)
+    # A rank already in a later epoch has consumed all of its share of this one.
+    consumed = [p if e == epoch else len(range(rank, total, world)) for rank, (e, p) in enumerate(positions)]
+    g = min(min(rank + p * world for rank, p in enumerate(consumed)), total)
+    exact = all(e == epoch for e, _ in positions) and all(p == len(range(rank, g, world)) for rank, p in enumerate(consumed))
+    if g == total:
+        return epoch + 1, 0, exact
+    return epoch, g, exact
+
+
+def reshard_states(states: Sequence[dict], rank: int, world_size: int) -> dict:
+    """The data state of rank `rank` of `world_size`, from the states of all ranks of another
+    world size (in rank order, as checkpoints keep them).
+
+    The ranks take turns through one permutation per epoch, so the position that matters is
+    global: `global_data_position` (the prefix of the epoch consumed). When every rank stood at
+    the same place (between steps with no bad sample skipped) it is exact, and must divide by
+    the new world size: a ValueError says so otherwise (pick a world size that divides it, or
+    resume on the old one). When ranks had drifted apart by skipping bad samples, the prefix all
+    of them covered is rounded down to a multiple of the new world size: the samples read beyond
+    it are served once more, none is lost.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+    epoch, g, exact = global_data_position(states)
+    if g % world_size:
+        if exact:
+            raise ValueError(
+                f"the {len(states)} rank(s) consumed {g} samples of epoch {epoch}, not divisible by the new world "
+                f"size {world_size}; resume with a world size dividing {g} or with {len(states)} process(es)"
+            )
+        g -= g % world_size
+    return {**states[0], "epoch": epoch, "position": g // world_size, "rank": rank, "world_size": world_size}
 
 
 # -- latent cache --------------------------------------------------------------------------
@@ -527,32 +1166,51 @@ def vae_fingerprint(vae) -> str:
     return digest.hexdigest()[:16]
 
 
-_SAFE_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class LatentCache:
-    """On-disk cache of target latents: one safetensors file per (key, resolution, VAE).
+    """On-disk cache of target latents, in shard files of up to `shard_size` latents each.
 
     Valid because targets are never augmented: a key's target (padded, resized to the stream's
     resolution) is the same every epoch, so its latents are too. If targets ever get random
-    crops or flips, this cache must not be used. The folder is `directory/vae-<hash of the
-    VAE config and weights>/<resolution>/<key>.safetensors`; files are written atomically, so
-    ranks may share a folder, and a damaged file is recomputed. Stored in `dtype`, returned on
-    the CPU, the same tensor on a miss as on any later hit.
+    crops or flips, this cache must not be used. The folder is `directory/vae-<hash of the VAE
+    config and weights>-<dtype>/<resolution>/`; each file holds one tensor "latents" [n, C, h, w]
+    and, in its metadata, the n keys and the fingerprint. At start the file headers (not the
+    tensors) are read into a key -> (file, slot) map, about 150 bytes per key in memory.
+
+    A miss goes through the VAE and is kept in memory; every `shard_size` misses become one new
+    file, written atomically under a name no other writer uses (`writer` + a random suffix), so
+    ranks and restarts may share the folder and never rewrite a file. `flush()` writes what is
+    pending (call it at checkpoints and at the end); what a killed process had pending is just
+    computed again. A batch with misses first rescans the folder (at most every `rescan_s`
+    seconds) for files other ranks wrote. A file that cannot be read is ignored and its latents
+    computed again. Latents come back on the CPU in `dtype`: the same tensor on a miss as on any
+    later hit in this process.
     """
 
-    def __init__(self, directory: str | os.PathLike, vae, dtype: torch.dtype = torch.float32):
+    def __init__(self, directory: str | os.PathLike, vae, dtype: torch.dtype = torch.float32, *,
+                 shard_size: int = 256, writer: str = "0", rescan_s: float = 60.0):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        if not _SAFE_NAME.fullmatch(writer):
+            raise ValueError(f"writer must be 1-64 letters, digits, '_' or '-', got {writer!r}")
         self.vae = vae
         self.dtype = dtype
+        self.shard_size = shard_size
+        self.writer = writer
+        self.rescan_s = rescan_s
         self.fingerprint = vae_fingerprint(vae)
         self.directory = Path(directory) / f"vae-{self.fingerprint}-{str(dtype).removeprefix('torch.')}"
         self.hits = 0
         self.misses = 0
+        self._where: dict[tuple[int, str], tuple[Path, int]] = {}  # (resolution, key) -> (file, slot)
+        self._seen: dict[int, set[str]] = {}  # resolution -> file names already read
+        self._scanned_at: dict[int, float] = {}
+        self._pending: dict[int, dict[str, torch.Tensor]] = {}  # resolution -> key -> latents not yet written
 
-    def path(self, key: str, resolution: int) -> Path:
-        # Keys come from tar member names; anything unusual as a file name is hashed instead.
-        name = key if _SAFE_NAME.fullmatch(key) else "sha256-" + hashlib.sha256(key.encode()).hexdigest()[:32]
-        return self.directory / str(resolution) / f"{name}.safetensors"
+    def folder(self, resolution: int) -> Path:
+        return self.directory / str(resolution)
 
     def get(self, key: str, pixel_values: torch.Tensor) -> torch.Tensor:
         """Latents [C, R/8, R/8] of one target [3, R, R]."""
@@ -565,30 +1223,81 @@ class LatentCache:
         if pixel_values.dim() != 4 or pixel_values.shape[0] != len(keys) or pixel_values.shape[-1] != pixel_values.shape[-2]:
             raise ValueError(f"pixel_values must be [{len(keys)}, 3, R, R], got {list(pixel_values.shape)}")
         resolution = int(pixel_values.shape[-1])
-        found = [self._load(key, resolution) for key in keys]
+        if resolution not in self._seen:
+            self._scan(resolution)
+        found = [self._lookup(resolution, key) for key in keys]
+        if any(latents is None for latents in found) and time.monotonic() - self._scanned_at[resolution] >= self.rescan_s:
+            self._scan(resolution)
+            found = [latents if latents is not None else self._lookup(resolution, key) for key, latents in zip(keys, found)]
         missing = [i for i, latents in enumerate(found) if latents is None]
         if missing:
-            computed = vae_latents(self.vae, pixel_values[missing]).to("cpu", self.dtype)
-            for i, latents in zip(missing, computed):
-                found[i] = latents.clone()  # its own storage: saved alone, and not a view of the batch
-                self._save(keys[i], resolution, found[i])
+            rows = list({keys[i]: i for i in reversed(missing)}.values())  # a repeated key is computed once
+            computed = vae_latents(self.vae, pixel_values[rows]).to("cpu", self.dtype)
+            pending = self._pending.setdefault(resolution, {})
+            for row, latents in zip(rows, computed):
+                pending[keys[row]] = latents.clone()  # its own storage, not a view of the batch
+            for i in missing:
+                found[i] = pending[keys[i]]
+            if len(pending) >= self.shard_size:
+                self._write(resolution)
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         return torch.stack(found)
 
-    def _metadata(self, key: str, resolution: int) -> dict[str, str]:
-        return {"key": key, "resolution": str(resolution), "vae": self.fingerprint, "dtype": str(self.dtype)}
+    def flush(self) -> None:
+        """Write every pending latent to a new shard file."""
+        for resolution in list(self._pending):
+            self._write(resolution)
 
-    def _load(self, key: str, resolution: int) -> torch.Tensor | None:
-        path = self.path(key, resolution)
-        if not path.exists():
-            return None
-        with contextlib.suppress(Exception):  # unreadable or foreign: recompute and overwrite
+    def _metadata(self, resolution: int) -> dict[str, str]:
+        return {"resolution": str(resolution), "vae": self.fingerprint, "dtype": str(self.dtype)}
+
+    def _scan(self, resolution: int) -> None:
+        """Read the headers of the files not seen yet."""
+        folder, seen = self.folder(resolution), self._seen.setdefault(resolution, set())
+        self._scanned_at[resolution] = time.monotonic()
+        with contextlib.suppress(FileNotFoundError):
+            for name in sorted(os.listdir(folder)):
+                if name.startswith(".") or not name.endswith(".safetensors") or name in seen:
+                    continue  # "." names: temp files of writes in progress
+                seen.add(name)
+                for slot, key in enumerate(self._file_keys(folder / name, resolution)):
+                    self._where.setdefault((resolution, key), (folder / name, slot))
+
+    def _file_keys(self, path: Path, resolution: int) -> list[str]:
+        with contextlib.suppress(Exception):  # unreadable, foreign or of another format: ignored
             with safe_open(path, framework="pt") as file:
-                if file.metadata() == self._metadata(key, resolution):
-                    return file.get_tensor("latents")
+                metadata = file.metadata() or {}
+                if all(metadata.get(name) == value for name, value in self._metadata(resolution).items()):
+                    keys = json.loads(metadata["keys"])
+                    if isinstance(keys, list) and file.get_slice("latents").get_shape()[0] == len(keys):
+                        return [str(key) for key in keys]
+        return []
+
+    def _lookup(self, resolution: int, key: str) -> torch.Tensor | None:
+        pending = self._pending.get(resolution, {}).get(key)
+        if pending is not None:
+            return pending
+        where = self._where.get((resolution, key))
+        if where is None:
+            return None
+        path, slot = where
+        with contextlib.suppress(Exception):
+            with safe_open(path, framework="pt") as file:
+                return file.get_slice("latents")[slot : slot + 1][0].clone()
+        # Damaged since its header was read: forget the whole file, its latents are recomputed.
+        self._where = {at: place for at, place in self._where.items() if place[0] != path}
         return None
 
-    def _save(self, key: str, resolution: int, latents: torch.Tensor) -> None:
-        data = safetensors_save({"latents": latents.contiguous()}, metadata=self._metadata(key, resolution))
-        write_bytes_atomic(self.path(key, resolution), data)
+    def _write(self, resolution: int) -> None:
+        pending = self._pending.pop(resolution, {})
+        if not pending:
+            return
+        keys = list(pending)
+        latents = torch.stack([pending[key] for key in keys]).contiguous()
+        data = safetensors_save({"latents": latents}, metadata={**self._metadata(resolution), "keys": json.dumps(keys)})
+        name = f"{self.writer}-{uuid.uuid4().hex[:12]}.safetensors"
+        path = write_bytes_atomic(self.folder(resolution) / name, data)
+        self._seen.setdefault(resolution, set()).add(name)
+        for slot, key in enumerate(keys):
+            self._where[(resolution, key)] = (path, slot)

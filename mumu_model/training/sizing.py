@@ -324,12 +324,21 @@ def estimate(config: TrainConfig, world_size: int | None = None, text_tokens: in
     bf16 = config.mixed_precision == "bf16"
     compute_bytes = 2 if bf16 else 4
     compute = ", bf16 compute" if bf16 else ""
-    parts = [PartSize(m, totals[m], trainable[m], f"fp32{compute}") for m in MODULES]
+    # The trainer stores frozen weights in the compute dtype and keeps fp32 masters of the trainable ones.
+    frozen_dtype = "bf16" if bf16 else "fp32"
+    def dtype(module: str) -> str:
+        if trainable[module] == totals[module]:
+            return f"fp32{compute}"
+        return f"{frozen_dtype} frozen, fp32 trainable{compute}" if trainable[module] else f"{frozen_dtype}{compute}"
+
+    parts = [PartSize(m, totals[m], trainable[m], dtype(m)) for m in MODULES]
     parts.append(PartSize("vae", totals["vae"], 0, "fp32"))
 
     # FSDP units: each repeated block, then what each part keeps outside its blocks.
     memory: list[tuple[str, int]] = []
-    memory.append((f"weights, fp32, {_count(model_params)} / {world}", 4 * model_params // world))
+    frozen = model_params - model_trainable
+    memory.append((f"frozen weights, {frozen_dtype}, {_count(frozen)} / {world}", compute_bytes * frozen // world))
+    memory.append((f"trainable weights, fp32, {_count(model_trainable)} / {world}", 4 * model_trainable // world))
     memory.append((f"gradients, fp32, {_count(model_trainable)} / {world}", 4 * model_trainable // world))
     memory.append((f"AdamW moments, 2 x fp32 / {world}", 8 * model_trainable // world))
     largest_block = "-"
@@ -414,12 +423,6 @@ def estimate(config: TrainConfig, world_size: int | None = None, text_tokens: in
         f"VAE encode of the targets (no grad, before the forward): {_gib(vae_encode)}; "
         "the peak takes the larger of it and the activations",
     ]
-    frozen = model_params - model_trainable
-    if world > 1 or frozen:
-        notes.append(
-            f"frozen weights are kept in fp32 as the trainer loads them; in bf16 they would take "
-            f"{_gib(2 * frozen // world)} less per GPU"
-        )
     tokens = {"encoder": length, "per_image": per_image, "images": images, "text": text_tokens,
               "latent_side": latent_side, "resolution": config.resolution}
     return SizingResult(
@@ -485,3 +488,18 @@ def dry_run_report(config: TrainConfig, world_size: int | None = None) -> str:
     lines += [f"  note: {note}" for note in result.notes]
     lines.append(f"fits in 80 GB (H100): {'yes' if result.fits else 'no'}")
     return "\n".join(lines)
+
+
+def check_fits(config: TrainConfig, world_size: int, gpu_bytes: int) -> SizingResult:
+    """The estimate for `world_size` GPUs of `gpu_bytes` each; a ValueError with the breakdown when
+    the estimated peak does not fit (checked before any weight is loaded)."""
+    result = estimate(config, world_size)
+    if result.peak_bytes > gpu_bytes:
+        breakdown = "; ".join(f"{what} {_gib(size)}" for what, size in result.memory)
+        raise ValueError(
+            f"train config: the model does not fit: estimated peak {_gib(result.peak_bytes)} per GPU on {world_size} "
+            f"GPU(s) of {_gib(gpu_bytes)} at batch_size {config.batch_size} ({breakdown}). Use more GPUs, a "
+            f"smaller batch_size (with global_batch_size to keep the recipe), activation_checkpointing: true or "
+            f"mixed_precision: bf16; `mumu train CONFIG --dry-run --world-size N` shows the estimate"
+        )
+    return result

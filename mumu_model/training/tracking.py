@@ -100,6 +100,11 @@ class Tracker:
         for start in range(0, len(items), MLFLOW_BATCH):
             self.client.log_batch(self.run_id, params=items[start : start + MLFLOW_BATCH])
 
+    def info(self, message: str) -> None:
+        """A line for Dagster's log when Dagster launched the run (the Python log has it anyway)."""
+        if self.pipes is not None:
+            self.pipes.log.info(message)
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.pipes is not None:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "grad_norm", "samples_per_s"))

@@ -452,6 +452,11 @@ class Trainer:
         resume = self._resolve_resume(config.resume)
         self.new_run = resume is None
 
+        if self.device.type == "cuda":  # fail before loading tens of GB when it cannot fit
+            from .sizing import check_fits
+
+            check_fits(config, self.dist.world_size, torch.cuda.get_device_properties(self.device).total_memory)
+
         # Model: built on the meta device, LoRA'd, frozen (in bf16 when computing in bf16),
         # checkpointed and sharded from outside, then each rank loads only its own shards.
         from .sharded_init import build_sharded
@@ -491,6 +496,8 @@ class Trainer:
         # Resume: weights, optimizer, EMA, LR schedule, data position, step, MLflow run.
         self.step = 0
         self.last_saved: int | None = None
+        self.run_message = f"run {self.run_id}"
+        self.previous_run: str | None = None
         mlflow_run = None
         if self.dist.is_main:
             self.checkpoints.remove_partial()
@@ -502,6 +509,7 @@ class Trainer:
         self.batches = self._batches()
         self.tracker = Tracker(config, enabled=self.dist.is_main, run_id=mlflow_run,
                                tags={"mumu.run_id": self.run_id, "data_version": self.identity["data"]})
+        self.tracker.info(self.run_message)
         self.losses: list[float] = []
 
     @property
@@ -549,13 +557,14 @@ class Trainer:
                 record = json.loads(run_file.read_text())
                 others.append((record.get("created", 0), run_file.parent, record))
         if not others:
-            logger.info("new run %s in %s", self.run_id, self.run_dir)
-            return
-        _, folder, record = max(others, key=lambda item: item[0])
-        differences = identity_differences(record.get("identity", {}), self.identity)
-        self.previous_run = str(folder)
-        logger.info("new run %s in %s: it differs from the previous run %s (kept in %s) in: %s",
-                    self.run_id, self.run_dir, folder.name, folder, "; ".join(differences))
+            self.run_message = f"new run {self.run_id} in {self.run_dir}"
+        else:
+            _, folder, record = max(others, key=lambda item: item[0])
+            differences = identity_differences(record.get("identity", {}), self.identity)
+            self.previous_run = str(folder)
+            self.run_message = (f"new run {self.run_id} in {self.run_dir}: it differs from the previous run "
+                                f"{folder.name} (kept in {folder}) in: {'; '.join(differences)}")
+        logger.info(self.run_message)
 
     def _check_data_unchanged(self) -> None:
         for path, stat in self._shard_stats.items():
@@ -761,7 +770,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(self._data_state(state, path))
         self.step = self.last_saved = int(state["step"])
-        logger.info("resumed run %s from %s at step %d", self.run_id, path, self.step)
+        self.run_message = f"resumed run {self.run_id} from {path} at step {self.step}"
+        logger.info(self.run_message)
         return state.get("mlflow_run_id")
 
     def _data_state(self, state: dict, path: Path) -> dict:
@@ -861,7 +871,7 @@ class Trainer:
             "run_id": self.run_id,
             "run_dir": str(self.run_dir),
             "new_run": self.new_run,
-            "previous_run": getattr(self, "previous_run", None),
+            "previous_run": self.previous_run,
             "data_version": self.identity["data"],
             "pipeline_path": str(result.pipeline_dir),
             "unet_lora_path": str(result.unet_lora_dir) if result.unet_lora_dir else None,
