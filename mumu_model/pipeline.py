@@ -1,26 +1,33 @@
 """MUMUPipeline: SDXL's UNet and VAE conditioned on multimodal prompts.
 
 The multimodal encoder (Idefics2 without perceiver) and the adapter replace SDXL's two CLIP
-text encoders. They run once per call, on the prompts and on the unconditional prompt
-together; only the UNet runs per denoising step, so a MUMU image costs about what an SDXL
-image costs.
+text encoders. They run once per call, before the denoising loop; only the UNet runs per
+step, so a MUMU image costs about what an SDXL image costs. The unconditional branch of
+guidance (the empty prompt, or the negative prompt) is encoded on its own, so it costs its
+own length rather than the prompts' (4 images x 324 tokens at paper size); the empty prompt's
+encoding is also cached between calls (`MUMUPipeline.clear_prompt_cache` says when).
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+import weakref
 from dataclasses import dataclass
+from itertools import chain
 from typing import Sequence, Union
 
 import numpy as np
 import PIL.Image
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
+from torch.distributed.tensor import DTensor
+from torch.utils.hooks import RemovableHandle
 from transformers import Idefics2Processor
 
 from .adapter import MUMUAdapter
@@ -28,23 +35,69 @@ from .encoder import MUMUEncoder, encoder_inputs, processor_image_size
 from .prompt import MultimodalPrompt, PromptError
 
 PromptInput = Union[MultimodalPrompt, str, Sequence[Union[str, PIL.Image.Image]]]
+# (prompt_embeds [B, L, D], pooled_embeds [B, P], attention_mask [B, L]): the UNet's conditioning.
+Conditioning = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _encoder_states(
+    encoder: MUMUEncoder, inputs: dict[str, torch.Tensor], device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder half of `encode_inputs`: (last hidden states [B, L, H], attention_mask [B, L])."""
+    inputs = {name: value.to(device) for name, value in inputs.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(encoder.dtype)
+    hidden = encoder(**inputs, use_cache=False).last_hidden_state
+    return hidden, inputs["attention_mask"]
 
 
 def encode_inputs(
     encoder: MUMUEncoder, adapter: MUMUAdapter, inputs: dict[str, torch.Tensor], device: torch.device | str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Conditioning:
     """Encoder + adapter on processor outputs (`encoder_inputs`): the UNet's conditioning.
 
     The one place conditioning is computed, for sampling and for training alike. Returns
     (prompt_embeds [B, L, D], pooled_embeds [B, P], attention_mask [B, L]).
     """
-    inputs = {name: value.to(device) for name, value in inputs.items()}
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(encoder.dtype)
-    hidden = encoder(**inputs, use_cache=False).last_hidden_state
-    mask = inputs["attention_mask"]
+    hidden, mask = _encoder_states(encoder, inputs, device)
     prompt_embeds, pooled = adapter(hidden, mask)
     return prompt_embeds, pooled, mask
+
+
+def concat_conditioning(*parts: Conditioning) -> Conditioning:
+    """Concatenate conditioning batches along the batch dimension, whatever their lengths.
+
+    Shorter batches are right-padded to the longest with zero embeddings and a zero attention
+    mask. The adapter and the UNet's cross-attention ignore masked tokens, so each prompt is
+    conditioned exactly as in its own batch (up to float rounding): two batches encoded apart
+    and concatenated here give the UNet what one batch encoded together gives it.
+    """
+    length = max(embeds.shape[1] for embeds, _, _ in parts)
+    embeds = torch.cat([F.pad(e, (0, 0, 0, length - e.shape[1])) for e, _, _ in parts])
+    pooled = torch.cat([p for _, p, _ in parts])
+    mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for _, _, m in parts])
+    return embeds, pooled, mask
+
+
+@dataclass
+class _CachedEncoding:
+    """The empty prompt's conditioning, the key it is valid for, and the hooks that drop it."""
+
+    key: tuple
+    conditioning: Conditioning
+    hooks: list[RemovableHandle]
+
+
+def _clear_when_trained(pipe: "weakref.ReferenceType[MUMUPipeline]"):
+    """A forward pre-hook: a forward in training mode or with autograd on announces a training
+    step, which may change the weights, so the pipeline's cached encoding is dropped."""
+
+    def hook(module: torch.nn.Module, args) -> None:
+        if module.training or torch.is_grad_enabled():
+            pipeline = pipe()
+            if pipeline is not None:
+                pipeline.clear_prompt_cache()
+
+    return hook
 
 
 @dataclass
@@ -63,8 +116,13 @@ class MUMUPipeline(DiffusionPipeline):
     Components: `encoder` (MUMUEncoder), `processor` (Idefics2Processor set to one image
     resolution), `adapter` (MUMUAdapter), `unet` (SDXL UNet2DConditionModel), `vae`
     (AutoencoderKL), `scheduler` (any diffusers scheduler; DDIM by default).
+
+    `enable_model_cpu_offload()` (diffusers', needs accelerate) keeps one model at a time on
+    the accelerator, in the order of `model_cpu_offload_seq`.
     """
 
+    # The order the models run in a call: the encoder runs on every prompt batch before the
+    # adapter runs, so offloading moves each model to the accelerator once per call.
     model_cpu_offload_seq = "encoder->adapter->unet->vae"
 
     def __init__(
@@ -84,6 +142,7 @@ class MUMUPipeline(DiffusionPipeline):
         self.register_to_config(max_images=max_images)
         self.vae_scale_factor = vae_scale_factor(vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self._empty_prompt_cache: _CachedEncoding | None = None
 
     @property
     def image_size(self) -> int:
@@ -113,15 +172,96 @@ class MUMUPipeline(DiffusionPipeline):
             return [MultimodalPrompt.coerce(p, image_root, max_images=max_images) for p in prompt]
         raise PromptError(f"cannot use a {type(prompt).__name__} as a prompt")
 
-    def encode_prompt(self, prompts: list[MultimodalPrompt]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One encoder + adapter pass over a batch of prompts.
+    def encode_prompt(self, prompts: list[MultimodalPrompt]) -> Conditioning:
+        """One encoder + adapter pass over a batch of prompts, right-padded to the longest.
 
-        Returns (prompt_embeds [B, L, D], pooled_embeds [B, P], attention_mask [B, L]).
-        Training calls this too, so the unconditional branch used by guidance (the empty
-        prompt) is encoded exactly as when training drops the conditioning.
+        Returns (prompt_embeds [B, L, D], pooled_embeds [B, P], attention_mask [B, L]); the
+        mask is 0 on padding, which the adapter and the UNet ignore. The same steps as
+        training's `encode_inputs`, so the unconditional branch used by guidance (the empty
+        prompt) is encoded exactly as when training drops the conditioning. Never cached.
         """
-        inputs = encoder_inputs(self.processor, prompts)
-        return encode_inputs(self.encoder, self.adapter, inputs, self._execution_device)
+        return self._encode_batches([prompts])[0]
+
+    def _encode_batches(self, batches: list[list[MultimodalPrompt]]) -> list[Conditioning]:
+        """`encode_prompt` on each batch apart (each padded to its own longest prompt).
+
+        The encoder runs on every batch before the adapter runs on any, so that under model
+        CPU offload neither model is moved to the accelerator twice in a call.
+        """
+        device = self._execution_device
+        states = [_encoder_states(self.encoder, encoder_inputs(self.processor, batch), device) for batch in batches]
+        return [(*self.adapter(hidden, mask), mask) for hidden, mask in states]
+
+    # -- the empty prompt's encoding, cached ---------------------------------------------------------
+
+    def clear_prompt_cache(self) -> None:
+        """Drop the cached encoding of the empty prompt (the default unconditional branch).
+
+        The cache holds one encoding, computed by a call and reused by the next calls while its
+        key is unchanged: the execution device, the encoder's and adapter's dtypes and objects,
+        autocast, the processor (object, image size, tokens per image), and each weight and
+        buffer of the encoder and adapter (object, storage, in-place version counter). It is
+        only filled and used with autograd off and the encoder and adapter in eval mode, never
+        for sharded (DTensor) weights, and it is dropped as soon as either model runs a forward
+        in training mode or with autograd on (a training step). So loading or copying weights
+        in place, moving or casting the models, EMA swaps and training all invalidate it.
+        Writes that bypass the version counter (`param.data.copy_(...)`) do not: call this
+        after them.
+        """
+        cached, self._empty_prompt_cache = self._empty_prompt_cache, None
+        if cached is not None:
+            for handle in cached.hooks:
+                handle.remove()
+
+    def _empty_prompt_key(self) -> tuple | None:
+        """The cache key of the empty prompt's encoding now; None where it must not be cached."""
+        encoder, adapter = self.encoder, self.adapter
+        if torch.is_grad_enabled() or encoder.training or adapter.training:
+            return None
+        weights = []
+        for tensor in chain(encoder.parameters(), encoder.buffers(), adapter.parameters(), adapter.buffers()):
+            # Sharded weights: a hit on one rank and a miss on another would desynchronise the
+            # ranks' collectives. Inference tensors keep no version counter.
+            if isinstance(tensor, DTensor) or tensor.is_inference():
+                return None
+            weights.append((id(tensor), tensor.data_ptr(), tensor._version))
+        device = self._execution_device
+        autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
+        processor = (id(self.processor), self.image_size, self.tokens_per_image)
+        return (device, encoder.dtype, adapter.dtype, autocast, processor, id(encoder), id(adapter), tuple(weights))
+
+    def _store_empty_prompt(self, key: tuple | None, conditioning: Conditioning) -> None:
+        self.clear_prompt_cache()
+        if key is None:
+            return
+        pipe = weakref.ref(self)
+        hooks = [module.register_forward_pre_hook(_clear_when_trained(pipe)) for module in (self.encoder, self.adapter)]
+        self._empty_prompt_cache = _CachedEncoding(key, conditioning, hooks)
+
+    def _guidance_conditioning(
+        self, prompts: list[MultimodalPrompt], negatives: list[MultimodalPrompt] | None
+    ) -> Conditioning:
+        """Unconditional then conditional conditioning (diffusers' order), padded to one length.
+
+        The unconditional branch is `negatives` (one prompt, or one per prompt) or, when None or
+        all empty, the empty prompt, taken from the cache when it is valid. It is encoded apart
+        from the prompts, so it costs its own length, and padded (masked) to theirs or vice versa.
+        """
+        batch = len(prompts)
+        if negatives is None or all(negative.is_empty for negative in negatives):
+            key = self._empty_prompt_key()
+            cached = self._empty_prompt_cache
+            if cached is not None and key is not None and cached.key == key:
+                (cond,), uncond = self._encode_batches([prompts]), cached.conditioning
+            else:
+                cond, uncond = self._encode_batches([prompts, [MultimodalPrompt()]])
+                self._store_empty_prompt(key, uncond)
+        else:
+            cond, uncond = self._encode_batches([prompts, negatives])
+        if uncond[0].shape[0] == 1 and batch > 1:  # one unconditional encoding, shared
+            embeds, pooled, mask = uncond
+            uncond = (embeds.expand(batch, -1, -1), pooled.expand(batch, -1), mask.expand(batch, -1))
+        return concat_conditioning(uncond, cond)
 
     def _add_time_ids(self, height: int, width: int, batch: int, dtype, device) -> torch.Tensor:
         # SDXL's micro-conditioning: original size, crop top-left, target size. MUMU keeps it.
@@ -161,7 +301,9 @@ class MUMUPipeline(DiffusionPipeline):
             height, width: output size in pixels (default: the UNet's native size).
             num_inference_steps: denoising steps (paper: 50 DDIM steps).
             guidance_scale: classifier-free guidance (paper: 6). <= 1 disables guidance.
-            negative_prompt: replaces the empty prompt as the unconditional branch (paper: none).
+            negative_prompt: replaces the empty prompt as the unconditional branch (paper: none):
+                one prompt for the whole batch, or one per prompt. Encoded apart from the
+                prompts, at its own length.
             num_images_per_prompt: images generated for each prompt.
             generator: torch generator(s) for reproducible sampling.
             output_type: "pil", "np", "pt" or "latent".
@@ -186,27 +328,13 @@ class MUMUPipeline(DiffusionPipeline):
         guided = guidance_scale > 1.0
         device = self._execution_device
 
-        # One encoder call for everything: the prompts, then the unconditional branch (the empty
-        # prompt, encoded once and shared, or the negative prompt(s)).
         if guided:
-            if negative_prompt is None:
-                negatives = [MultimodalPrompt()]
-            else:
+            negatives = None
+            if negative_prompt is not None:
                 negatives = self.to_prompts(negative_prompt, image_root)
-                if len(negatives) == 1:
-                    negatives = negatives * batch
-                elif len(negatives) != batch:
+                if len(negatives) not in (1, batch):
                     raise ValueError(f"{len(negatives)} negative prompts for {batch} prompts")
-            embeds, pooled, mask = self.encode_prompt(prompts + negatives)
-            if len(negatives) == 1 and batch > 1:
-                last = slice(batch, batch + 1)
-                embeds = torch.cat([embeds[:batch], embeds[last].expand(batch, -1, -1)])
-                pooled = torch.cat([pooled[:batch], pooled[last].expand(batch, -1)])
-                mask = torch.cat([mask[:batch], mask[last].expand(batch, -1)])
-            # diffusers' order: unconditional first, then conditional.
-            embeds = torch.cat([embeds[batch:], embeds[:batch]])
-            pooled = torch.cat([pooled[batch:], pooled[:batch]])
-            mask = torch.cat([mask[batch:], mask[:batch]])
+            embeds, pooled, mask = self._guidance_conditioning(prompts, negatives)
         else:
             embeds, pooled, mask = self.encode_prompt(prompts)
 

@@ -85,5 +85,6 @@ def test_a_model_that_does_not_fit_the_world_size_fails_before_loading():
 
     config = load_train_config("configs/train_stage1_paper.yaml")
     assert check_fits(config, 8, 80 * 2**30).fits
-    with pytest.raises(ValueError, match=r"does not fit: estimated peak .* per GPU on 1 GPU\(s\) of 80\.0 GiB"):
-        check_fits(config, 1, 80 * 2**30)
+    too_big = load_train_config("configs/train_stage1_paper.yaml", ["batch_size=64"])
+    with pytest.raises(ValueError, match=r"does not fit: estimated peak .* per GPU on 8 GPU\(s\) of 80\.0 GiB at batch_size 64"):
+        check_fits(too_big, 8, 80 * 2**30)

@@ -1,6 +1,8 @@
 import json
 import random
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 
 import numpy as np
@@ -11,8 +13,10 @@ from PIL import Image
 from mumu_model.data.report import Skipped
 from mumu_model.data.shards import encode_image, json_bytes, read_shard, sample_prompt, write_shard
 from mumu_model.prompt import MultimodalPrompt
+from mumu_model.training import data as data_module
 from mumu_model.training.data import (
     CROP_KEEP,
+    BadData,
     DataConfig,
     LatentCache,
     ShardStream,
@@ -20,7 +24,10 @@ from mumu_model.training.data import (
     augment_image,
     batches,
     collate,
+    global_data_position,
     index_shard,
+    make_loader,
+    reshard_states,
     target_tensor,
 )
 
@@ -357,31 +364,287 @@ def test_batches_and_resume_between_batches(shards, pipe, tmp_path):
     assert batch["keys"] == ["r1", "r1"] and stream.skipped.counts["reserved_token"] == 1
 
 
+
+# -- the loader: worker processes -----------------------------------------------------------
+
+
+def _same_batch(a: dict, b: dict) -> bool:
+    inputs_a, inputs_b = a["encoder_inputs"], b["encoder_inputs"]
+    return (
+        a["keys"] == b["keys"]
+        and torch.equal(a["pixel_values"], b["pixel_values"])
+        and torch.equal(a["dropped"], b["dropped"])
+        and list(inputs_a) == list(inputs_b)
+        and all(inputs_a[k].dtype == inputs_b[k].dtype and torch.equal(inputs_a[k], inputs_b[k]) for k in inputs_a)
+    )
+
+
+def test_loader_gives_the_batches_of_batches_with_and_without_workers(shards, pipe):
+    # Dropout, augmentation, bad samples, prompts with 0-2 images, and 8 batches of 3 from 8
+    # usable samples per epoch: batches straddle epochs, and the text-only / dropped rows sit
+    # beside rows with images (the encodings are padded together like the processor's batch).
+    config = _config(shards, conditioning_dropout=0.3, augment_probability=0.5)
+    reference = list(islice(batches(ShardStream(config), pipe.processor, 3), 8))
+    assert any(len(set(b["encoder_inputs"]["attention_mask"].sum(1).tolist())) > 1 for b in reference)
+    masks = [b["encoder_inputs"]["pixel_attention_mask"] for b in reference if "pixel_attention_mask" in b["encoder_inputs"]]
+    assert any({0, 2} <= set(mask.flatten(2).any(2).sum(1).tolist()) for mask in masks)  # rows of 0 and 2 images
+    assert len(masks) < len(reference)  # and a batch without any image
+    for workers in (0, 2):
+        loader = make_loader(config, pipe.processor, 3, num_workers=workers, prefetch_factor=2)
+        produced = list(islice(loader, 8))
+        loader.close()
+        assert all(_same_batch(a, b) for a, b in zip(produced, reference, strict=True)), workers
+        assert dict(loader.skipped.counts) == {"bad_image": 1, "bad_prompt": 1}
+
+
+def test_loader_resumes_exactly_at_the_next_batch(shards, pipe):
+    config = _config(shards, conditioning_dropout=0.3, augment_probability=0.5, seed=3)
+    reference = list(islice(make_loader(config, pipe.processor, 3), 9))
+    for consumed, workers in ((2, 2), (5, 0), (6, 2)):
+        first = make_loader(config, pipe.processor, 3, num_workers=workers)
+        assert [b["keys"] for b in islice(first, consumed)] == [b["keys"] for b in reference[:consumed]]
+        # The workers decoded further ahead; none of that counts as consumed.
+        state = json.loads(json.dumps(first.state_dict()))
+        first.close()
+        resumed = make_loader(config, pipe.processor, 3, num_workers=workers)
+        resumed.load_state_dict(state)
+        following = list(islice(resumed, 3))
+        resumed.close()
+        assert all(_same_batch(a, b) for a, b in zip(following, reference[consumed : consumed + 3], strict=True))
+
+
+def test_loader_skips_reserved_tokens(pipe, tmp_path):
+    write_shard(tmp_path / "r.tar", [("r0", _record(1, (8, 8), "an <<image> here")), ("r1", _record(2, (8, 8), "a cat"))])
+    loader = make_loader(_config(str(tmp_path / "r.tar"), conditioning_dropout=0.0), pipe.processor, 2)
+    assert next(iter(loader))["keys"] == ["r1", "r1"] and loader.skipped.counts["reserved_token"] == 1
+    report = loader.data_report()
+    assert report["by_reason"]["reserved_token"]["count"] == 1 and report["unreadable_fraction"] == 0.5
+
+
+# -- indexing split between ranks ----------------------------------------------------------
+
+
+class _Collective:
+    """An all-gather between threads, standing in for `parallel.all_gather_bytes` between ranks."""
+
+    def __init__(self, world_size: int):
+        self.slots: list[bytes | None] = [None] * world_size
+        self.barrier = threading.Barrier(world_size, timeout=60)
+
+    def gather(self, rank: int):
+        def gather(data: bytes) -> list[bytes]:
+            self.slots[rank] = data
+            self.barrier.wait()
+            everyone = list(self.slots)
+            self.barrier.wait()
+            return everyone
+
+        return gather
+
+
+def _on_ranks(world_size: int, run):
+    """run(rank, gather) on `world_size` threads at once; the results in rank order."""
+    collective = _Collective(world_size)
+    with ThreadPoolExecutor(world_size) as pool:
+        return list(pool.map(lambda rank: run(rank, collective.gather(rank)), range(world_size)))
+
+
+def test_ranks_index_disjoint_shards_and_get_the_same_index(shards, tmp_path, monkeypatch):
+    for index in range(5):  # 00000-00004: copies of the two shards, the last one cut short
+        source = shards.replace("*.tar", f"0000{index % 2}.tar")
+        data = open(source, "rb").read()
+        (tmp_path / f"0000{index}.tar").write_bytes(data if index < 4 else data[: len(data) // 2])
+    config = _config(str(tmp_path / "*.tar"), conditioning_dropout=0.3, augment_probability=0.5)
+    alone = ShardStream(config)
+
+    scanned: list[tuple[str, str]] = []
+    scan = data_module._scan_shard
+    monkeypatch.setattr(data_module, "_scan_shard", lambda path: scanned.append((threading.current_thread().name, path.name)) or scan(path))
+    streams = _on_ranks(2, lambda rank, gather: ShardStream(config, rank, 2, gather=gather))
+    by_thread: dict[str, set[str]] = {}
+    for thread, name in scanned:
+        by_thread.setdefault(thread, set()).add(name)
+    assert sorted(map(sorted, by_thread.values())) == [["00000.tar", "00002.tar", "00004.tar"], ["00001.tar", "00003.tar"]]
+
+    for stream in streams:
+        assert stream.state_dict()["dataset"] == alone.state_dict()["dataset"]
+        assert stream.num_samples == alone.num_samples and stream.index.shards == alone.index.shards
+        assert np.array_equal(stream.index.start, alone.index.start) and np.array_equal(stream.index.span, alone.index.span)
+        assert dict(stream.skipped.counts) == {"damaged_shard": 1}
+    # The same samples as a stream that indexed everything, and the ranks partition them.
+    single = {(s.epoch, s.key, s.index): s for s in islice(alone, 40)}
+    for rank, stream in enumerate(streams):
+        for sample in islice(stream, 15):
+            assert _same(sample, single[(sample.epoch, sample.key, sample.index)])
+
+
+def test_ranks_that_see_different_files_are_refused(shards, tmp_path):
+    for name in ("00000.tar", "00001.tar"):
+        shutil.copy(shards.replace("*.tar", name), tmp_path / name)
+    others = _config(str(tmp_path / "*.tar"))
+    with pytest.raises(ValueError, match="rank 1 found other shard files"):
+        _on_ranks(2, lambda rank, gather: ShardStream(_config(shards) if rank == 0 else others, rank, 2, gather=gather))
+
+
+# -- another world size --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clean_shards(tmp_path_factory):
+    """16 good samples in two shards: nothing is skipped, so the ranks stay in step."""
+    root = tmp_path_factory.mktemp("clean")
+    for shard in range(2):
+        records = [(f"c{shard}{i}", _record(100 + 8 * shard + i, (20, 16), f"a <img:crop0.png> thing {i}", ["crop0.png"]))
+                   for i in range(8)]
+        write_shard(root / f"{shard:05d}.tar", records)
+    return str(root / "*.tar")
+
+
+def test_reshard_two_ranks_into_one_continues_with_their_samples(clean_shards, pipe):
+    config = _config(clean_shards, conditioning_dropout=0.3, augment_probability=0.5)
+    ranks = [make_loader(config, pipe.processor, 2, rank, 2) for rank in (0, 1)]
+    iterators = [iter(loader) for loader in ranks]
+    for _ in range(3):  # 3 steps of batch 2 on 2 ranks: 12 of the 16 slots of epoch 0
+        for iterator in iterators:
+            next(iterator)
+    states = [json.loads(json.dumps(loader.state_dict())) for loader in ranks]
+    assert global_data_position(states) == (0, 12, True)
+    # What the two ranks would have trained on next (the last step of epoch 0, the first of epoch 1).
+    expected = [[next(iterator) for iterator in iterators] for _ in range(2)]
+
+    merged = make_loader(config, pipe.processor, 4)
+    merged.load_state_dict(reshard_states(states, 0, 1))
+    for step, batch in zip(expected, islice(merged, 2)):
+        rows = {key: row for b in step for row, key in enumerate(b["keys"])}
+        by_key = {key: (b, row) for b in step for row, key in enumerate(b["keys"])}
+        assert sorted(batch["keys"]) == sorted(rows)
+        for row, key in enumerate(batch["keys"]):
+            source, source_row = by_key[key]
+            assert torch.equal(batch["pixel_values"][row], source["pixel_values"][source_row])
+            assert bool(batch["dropped"][row]) == bool(source["dropped"][source_row])
+
+    # The other way: one rank's state split into two ranks of batch 1.
+    single = make_loader(config, pipe.processor, 2)
+    single_iter = iter(single)
+    next(single_iter)
+    state = single.state_dict()
+    upcoming = next(single_iter)["keys"]
+    halves = [make_loader(config, pipe.processor, 1, rank, 2) for rank in (0, 1)]
+    for rank, half in enumerate(halves):
+        half.load_state_dict(reshard_states([state], rank, 2))
+    assert [next(iter(half))["keys"][0] for half in halves] == upcoming
+
+
+def test_reshard_rules(clean_shards):
+    base = ShardStream(_config(clean_shards), 0, 2).state_dict()
+    states = [{**base, "rank": rank, "epoch": 0, "position": 4} for rank in (0, 1)]  # 8 slots consumed
+    assert reshard_states(states, 1, 4)["position"] == 2 and reshard_states(states, 0, 1)["position"] == 8
+    with pytest.raises(ValueError, match="not divisible by the new world size 3"):
+        reshard_states(states, 0, 3)
+    # Rank 0 skipped two bad samples and read two slots further (slots 0, 2, ..., 10; rank 1: 1,
+    # 3, 5, 7): resume after the prefix both covered, so slot 10 is served again, nothing is lost.
+    drifted = [{**states[0], "position": 6}, states[1]]
+    assert global_data_position(drifted) == (0, 9, False)
+    assert reshard_states(drifted, 0, 1)["position"] == 9 and reshard_states(drifted, 0, 3)["position"] == 3
+    assert reshard_states(drifted, 1, 2)["position"] == 4  # 9 rounded down to 8: slot 8 again too
+    # One slot apart is still a prefix (0, 2, 4, 6, 8 and 1, 3, 5, 7): exact.
+    assert global_data_position([{**states[0], "position": 5}, states[1]]) == (0, 9, True)
+    # The end of an epoch is the start of the next one (16 samples: 8 slots per rank).
+    assert global_data_position([{**s, "position": 8} for s in states]) == (1, 0, True)
+    ahead = [{**states[0], "epoch": 1, "position": 1}, {**states[1], "position": 7}]
+    assert global_data_position(ahead) == (0, 15, False)
+    with pytest.raises(ValueError, match="expected rank 1 of 2"):
+        reshard_states([states[0], states[0]], 0, 1)
+    with pytest.raises(ValueError, match="disagree on seed"):
+        reshard_states([states[0], {**states[1], "seed": 7}], 0, 1)
+
+
+# -- bad data report -----------------------------------------------------------------------
+
+
+def test_bad_data_report_and_check(shards):
+    stream = ShardStream(_config(shards))
+    assert stream.check_bad_fraction(0.0)["unreadable_fraction"] == 0.0  # nothing read, nothing found yet
+    list(islice(stream, 8))  # one epoch: the 8 usable samples and the 2 bad ones
+    report = stream.data_report()
+    assert report["samples_indexed"] == 10 and report["samples_read"] == 10 and report["unusable_samples"] == 2
+    assert report["unreadable_fraction"] == pytest.approx(0.2)
+    assert report["by_reason"]["bad_image"]["count"] == 1 and report["by_reason"]["bad_image"]["examples"][0].startswith("00000.tar:a4: ")
+    assert json.loads(json.dumps(report)) == report
+    with pytest.raises(BadData, match=r"20\.00% .*00000\.tar \(1 unusable sample\(s\): bad_image 1\).*00001\.tar"):
+        stream.check_bad_fraction(0.1)
+    assert stream.check_bad_fraction(0.2)["unusable_samples"] == 2
+
+
+def test_a_truncated_shard_counts_what_it_lost(shards, tmp_path, pipe):
+    shutil.copy(shards.replace("*.tar", "00000.tar"), tmp_path / "00000.tar")
+    data = open(shards.replace("*.tar", "00001.tar"), "rb").read()
+    (tmp_path / "00001.tar").write_bytes(data[: len(data) // 2])
+    kept = len(index_shard(tmp_path / "00001.tar", Skipped()))
+    config = _config(str(tmp_path / "*.tar"))
+    loader = make_loader(config, pipe.processor, 2)
+    with pytest.raises(BadData, match=f"{tmp_path / '00001.tar'} \\(damaged after sample"):
+        loader.check_bad_fraction(0.01)  # before anything is read
+    report = make_loader(config, pipe.processor, 2).check_bad_fraction(1.0)
+    # The intact shard holds 5 samples: the cut one is taken to have held 5 too.
+    assert report["damaged_shards"] == 1 and report["estimated_lost"] == 5 - kept
+    assert report["worst_shards"][0]["shard"] == str(tmp_path / "00001.tar")
+    assert report["by_reason"]["damaged_shard"]["count"] == 1
+    assert report["unreadable_fraction"] == pytest.approx((5 - kept) / 10)
+
+
+def test_bad_data_report_adds_up_the_ranks(shards):
+    def run(rank, gather):
+        stream = ShardStream(_config(shards), rank, 2, gather=gather)
+        list(islice(stream, 5))  # past this rank's share of epoch 0 (5 slots, bad ones included)
+        return stream.data_report(), set(stream._unusable), stream._read
+
+    (report0, found0, read0), (report1, found1, read1) = _on_ranks(2, run)
+    assert report0 == report1  # every rank gets the same figures, so all decide alike
+    assert len(found0 | found1) == report0["unusable_samples"] == 2 and report0["samples_read"] == read0 + read1
+    assert report0["unreadable_fraction"] == pytest.approx(0.2)
+
+
 # -- latent cache --------------------------------------------------------------------------
 
 
 def test_latent_cache(shards, pipe, tmp_path, monkeypatch):
     samples = list(islice(ShardStream(_config(shards)), 3))
-    cache = LatentCache(tmp_path / "latents", pipe.vae)
+    cache = LatentCache(tmp_path / "latents", pipe.vae, shard_size=2)
     first = cache.get(samples[0].key, samples[0].target)
-    assert cache.misses == 1 and cache.path(samples[0].key, RES).is_file()
-    assert first.shape[0] == pipe.vae.config.latent_channels and first.device.type == "cpu"
-    assert torch.equal(cache.get(samples[0].key, samples[0].target), first) and cache.hits == 1
+    assert cache.misses == 1 and first.shape[0] == pipe.vae.config.latent_channels and first.device.type == "cpu"
+    assert torch.equal(cache.get(samples[0].key, samples[0].target), first) and cache.hits == 1  # pending, in memory
+    assert not list(cache.folder(RES).glob("*.safetensors"))
+    cache.flush()
+    (written,) = cache.folder(RES).glob("*.safetensors")
+    assert written.name.startswith("0-")
 
     # A fresh cache object (a restarted run) reads the file and never runs the VAE.
-    fresh = LatentCache(tmp_path / "latents", pipe.vae)
+    fresh = LatentCache(tmp_path / "latents", pipe.vae, shard_size=2)
     monkeypatch.setattr(pipe.vae, "encode", lambda *a, **k: pytest.fail("cache miss"))
     assert torch.equal(fresh.get(samples[0].key, samples[0].target), first)
     monkeypatch.undo()
 
+    # Misses are computed together; a full shard (2 latents) is written at once.
     pixels = torch.stack([s.target for s in samples])
     batch = fresh.get_batch([s.key for s in samples], pixels)
     assert fresh.hits == 2 and fresh.misses == 2 and torch.equal(batch[0], first)
+    assert len(list(cache.folder(RES).glob("*.safetensors"))) == 2
     assert torch.equal(LatentCache(tmp_path / "latents", pipe.vae).get_batch([s.key for s in samples], pixels), batch)
+
+    # Another rank writes its own files; a cache that is already open finds them on a miss.
+    other_rank = LatentCache(tmp_path / "latents", pipe.vae, writer="1")
+    extra = list(islice(ShardStream(_config(shards)), 3, 5))
+    expected = other_rank.get_batch([s.key for s in extra], torch.stack([s.target for s in extra]))
+    other_rank.flush()
+    assert len(list(cache.folder(RES).glob("1-*.safetensors"))) == 1
+    fresh.rescan_s = 0.0
+    monkeypatch.setattr(pipe.vae, "encode", lambda *a, **k: pytest.fail("cache miss"))
+    assert torch.equal(fresh.get_batch([s.key for s in extra], torch.stack([s.target for s in extra])), expected)
+    monkeypatch.undo()
 
     # Another resolution or another VAE is another entry, never a stale hit.
     small = torch.nn.functional.interpolate(samples[0].target[None], size=8)[0]
-    assert cache.path(samples[0].key, 8) != cache.path(samples[0].key, RES)
     assert cache.get(samples[0].key, small).shape[-1] == first.shape[-1] // 2
     from mumu_model.build import tiny_vae
 
@@ -390,6 +653,16 @@ def test_latent_cache(shards, pipe, tmp_path, monkeypatch):
     assert other.directory != cache.directory
     assert not torch.equal(other.get(samples[0].key, samples[0].target), first) and other.misses == 1
 
-    # A damaged file is recomputed, not trusted.
-    cache.path(samples[0].key, RES).write_bytes(b"broken")
-    assert torch.equal(LatentCache(tmp_path / "latents", pipe.vae).get(samples[0].key, samples[0].target), first)
+    # A damaged file is ignored and its latents computed again: the same values.
+    written.write_bytes(written.read_bytes()[:100])
+    again = LatentCache(tmp_path / "latents", pipe.vae)
+    assert torch.equal(again.get(samples[0].key, samples[0].target), first) and again.misses == 1
+    # ... also when it is damaged after the cache read its header.
+    again.flush()
+    reader = LatentCache(tmp_path / "latents", pipe.vae)
+    assert torch.equal(reader.get(samples[0].key, samples[0].target), first) and reader.hits == 1
+    for path in cache.folder(RES).glob("*.safetensors"):
+        path.write_bytes(b"")
+    recomputed = reader.get_batch([s.key for s in samples], pixels)  # a batch of 3: not bitwise the 1 + 2 above
+    torch.testing.assert_close(recomputed, batch, atol=1e-5, rtol=1e-4)
+    assert reader.misses == 3 and torch.equal(reader.get_batch([s.key for s in samples], pixels), recomputed)

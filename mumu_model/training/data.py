@@ -169,7 +169,7 @@ def sample_rng(seed: int, epoch: int, key: str) -> random.Random:
 def target_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
     """Pad to square with black, resize (bicubic) to `resolution`: [3, R, R] uint8."""
     square = pad_to_square(to_rgb(image)).resize((resolution, resolution), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(square)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(square)).permute(2, 0, 1).contiguous()
 
 
 def pixels_to_unit(pixels: torch.Tensor) -> torch.Tensor:
