@@ -126,7 +126,8 @@ def overhead_vs_sdxl(args, mumu: MUMUPipeline) -> dict:
         pooled_prompt_embeds=pooled[1:],
         negative_pooled_prompt_embeds=pooled[:1],
     )
-    common = dict(height=height, width=width, num_inference_steps=args.steps, guidance_scale=GUIDANCE, output_type="pil")
+    common = dict(height=height, width=width, num_inference_steps=args.steps, guidance_scale=GUIDANCE,
+                  output_type="pil")
 
     def run_mumu():
         return mumu(prompt, generator=torch.Generator().manual_seed(SEED), **common).images
@@ -243,6 +244,11 @@ def paper_token_counts(args, tmp: Path) -> dict:
     median = statistics.median
     call_median = {variant: median(calls[variant]) for variant in variants}
     encode_median = {variant: median(encode[variant]) for variant in encodings}
+
+    def encoder_share(variant: str) -> float:
+        """Each call's encoder time over that call's time, median over the rounds."""
+        return median(e / c for e, c in zip(encoder[variant], calls[variant]))
+
     return {
         "description": (
             "Tiny architecture at the paper's token counts (252 px crops, 4 x 324 image tokens + 41 other "
@@ -267,12 +273,14 @@ def paper_token_counts(args, tmp: Path) -> dict:
         "encoder_forward_in_call": {variant: summarize(encoder[variant]) for variant in variants},
         "conditioning": {variant: summarize(encode[variant]) for variant in encodings},
         "ratios": {
-            # Each call's encoder time over that call's time, median over rounds.
-            "encoder_share_of_call_separate": median(e / c for e, c in zip(encoder["uncond_separate"], calls["uncond_separate"])),
-            "encoder_share_of_call_padded": median(e / c for e, c in zip(encoder["uncond_padded"], calls["uncond_padded"])),
-            "conditioning_share_of_call_separate": encode_median["uncond_separate_cached"] / call_median["uncond_separate"],
-            "conditioning_padded_over_separate_cached": encode_median["uncond_padded"] / encode_median["uncond_separate_cached"],
-            "conditioning_padded_over_separate_uncached": encode_median["uncond_padded"] / encode_median["uncond_separate_uncached"],
+            "encoder_share_of_call_separate": encoder_share("uncond_separate"),
+            "encoder_share_of_call_padded": encoder_share("uncond_padded"),
+            "conditioning_share_of_call_separate": (
+                encode_median["uncond_separate_cached"] / call_median["uncond_separate"]),
+            "conditioning_padded_over_separate_cached": (
+                encode_median["uncond_padded"] / encode_median["uncond_separate_cached"]),
+            "conditioning_padded_over_separate_uncached": (
+                encode_median["uncond_padded"] / encode_median["uncond_separate_uncached"]),
             "call_padded_over_separate_paired_median": median(
                 p / s for p, s in zip(calls["uncond_padded"], calls["uncond_separate"])),
             # The fastest call of each: the least disturbed by other load on a shared machine.

@@ -21,7 +21,7 @@ class RunMetrics:
 
 
 # Params whose difference makes two evaluations incomparable.
-_SETTINGS = ("steps", "guidance", "seeds", "negative_prompt", "scheduler", "resolution")
+_SETTINGS = ("steps", "guidance", "seeds", "negative_prompt", "scheduler", "resolution", "dtype")
 
 
 def _strip_eval_prefix(params: dict[str, str]) -> dict[str, str]:

@@ -492,7 +492,7 @@ def merge_lora_into_pipeline(pipeline_dir, lora_path, unet_path, out_dir, scale:
     pipe = MUMUPipeline.from_pretrained(pipeline_dir)
     unet_path = Path(unet_path)
     subfolder = "unet" if (unet_path / "unet").is_dir() else None
-    unet = UNet2DConditionModel.from_pretrained(unet_path, subfolder=subfolder)
+    unet = UNet2DConditionModel.from_pretrained(unet_path, subfolder=subfolder, use_safetensors=True)
 
     current = getattr(pipe, "unet", None)
     if current is not None:

@@ -194,13 +194,24 @@ def _joint_conditioning(pipe, prompts, negatives):
     return embeds[order], pooled[order], mask[order]
 
 
+def _guided_noise(pipe, latents, conditioning, guidance_scale=6.0):
+    embeds, pooled, mask = conditioning
+    time_ids = pipe._add_time_ids(64, 64, embeds.shape[0], embeds.dtype, "cpu")
+    noise = pipe.unet(torch.cat([latents] * 2), 500, encoder_hidden_states=embeds, encoder_attention_mask=mask,
+                      added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    uncond, cond = noise.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
 def _guidance_cases(red_square):
     blue = Image.new("RGB", (30, 30), (20, 20, 220))
     return {
         "one prompt": (MultimodalPrompt(["a ", red_square, " circle"]), None),
-        "prompts of two lengths": ([MultimodalPrompt(["a dog"]), MultimodalPrompt(["a ", red_square, " and ", blue])], None),
+        "prompts of two lengths": (
+            [MultimodalPrompt(["a dog"]), MultimodalPrompt(["a ", red_square, " and ", blue])], None),
         "negative longer than the prompt": ("a dog", MultimodalPrompt(["a ", red_square, " ", blue, " blurry, ugly"])),
-        "a negative per prompt": ([MultimodalPrompt(["a ", red_square]), "a cat"], ["blurry", MultimodalPrompt([blue])]),
+        "a negative per prompt": (
+            [MultimodalPrompt(["a ", red_square]), "a cat"], ["blurry", MultimodalPrompt([blue])]),
     }
 
 
@@ -226,15 +237,10 @@ def test_unconditional_branch_apart_matches_encoding_it_with_the_prompts(pipe, r
 
         # The guided noise prediction of one UNet call, both ways.
         latents = torch.randn(batch, pipe.unet.config.in_channels, 8, 8, generator=seeded(0))
-        time_ids = pipe._add_time_ids(64, 64, 2 * batch, torch.float32, "cpu")
-        def guided_noise(embeds, pooled, mask):
-            noise = pipe.unet(torch.cat([latents] * 2), 500, encoder_hidden_states=embeds, encoder_attention_mask=mask,
-                              added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-            uncond, cond = noise.chunk(2)
-            return uncond + 6.0 * (cond - uncond)
-        torch.testing.assert_close(guided_noise(*apart), guided_noise(*joint), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_guided_noise(pipe, latents, apart), _guided_noise(pipe, latents, joint),
+                                   rtol=1e-5, atol=1e-5)
 
-    # And whole calls: the same latents as the joint encoding gives the same denoising loop.
+    # And whole calls: the same latents as the same denoising loop fed the joint encoding.
     def sample():
         generators = [seeded(i) for i in range(batch)]
         return pipe(prompt, negative_prompt=negative, num_inference_steps=4, generator=generators,
@@ -329,8 +335,8 @@ def test_validation_between_training_steps_is_never_served_a_stale_encoding(pipe
     previous = _generate(pipe, prompt)
     for _ in range(2):
         pipe.encoder.train(), pipe.adapter.train()
-        embeds, pooled, _ = encode_inputs(pipe.encoder, pipe.adapter, encoder_inputs(pipe.processor, [MultimodalPrompt()]),
-                                          "cpu")
+        inputs = encoder_inputs(pipe.processor, [MultimodalPrompt()])
+        embeds, pooled, _ = encode_inputs(pipe.encoder, pipe.adapter, inputs, "cpu")
         (embeds.square().mean() + (pooled - 1).square().mean()).backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -381,7 +387,8 @@ def test_model_cpu_offload_gives_the_same_images(pipe, red_square):
     expected = [_generate(pipe, prompt, negative_prompt=negative), _generate(pipe, prompt)]
     pipe.enable_model_cpu_offload(device="cpu")
     assert pipe._execution_device.type == "cpu"
-    assert all(getattr(getattr(pipe, name), "_hf_hook", None) is not None for name in ("encoder", "adapter", "unet", "vae"))
+    for name in ("encoder", "adapter", "unet", "vae"):
+        assert getattr(getattr(pipe, name), "_hf_hook", None) is not None, name
     order = []
     for name in ("encoder", "adapter", "unet"):
         getattr(pipe, name).register_forward_pre_hook(lambda *_, name=name: order.append(name))
