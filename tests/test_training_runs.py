@@ -190,3 +190,31 @@ def test_two_process_checkpoint_resumes_on_one_process(tmp_path):
     assert worst < 0.05 * moved, (worst, moved)
     for key in ours:
         assert torch.allclose(ours[key], theirs[key], rtol=0, atol=2e-4), key
+
+
+def test_stage2_unet_lora_carries_stage1(tmp_path):
+    """Stage 2 from stage 1's output: its exported LoRA merged into the BASE UNet gives stage 2's UNet."""
+    from mumu_model import MUMUPipeline
+    from mumu_model.lora import load_unet_lora, merge_unet_lora
+    from mumu_model.training.trainer import load_base_pipeline
+
+    shard = write_data(tmp_path / "data")
+    lora = dict(unet="lora", unet_lr=1e-2, adapter_lr=1e-3, lora_rank=4, max_steps=2)
+    stage1 = tiny(tmp_path / "one", shard, **lora)
+    Trainer(stage1).train()
+    stage2 = tiny(tmp_path / "two", shard, stage=2, init_from=str(tmp_path / "one" / "run"), lora_alpha=8, **lora)
+    result = Trainer(stage2).train()
+
+    _, modules, config = load_unet_lora(result.unet_lora_dir)
+    assert {lora["A"].shape[0] for lora in modules.values()} == {8}  # two rank-4 stages
+    base = load_base_pipeline(stage1).unet  # the UNet stage 1 started from
+    merge_unet_lora(base, result.unet_lora_dir)
+    trained = MUMUPipeline.from_pretrained(result.pipeline_dir).unet.state_dict()
+    merged = base.state_dict()
+    worst = max(float((merged[name] - trained[name]).abs().max()) for name in trained)
+    print(f"base UNet + exported two-stage LoRA vs the stage-2 UNet: max abs difference {worst:.3g}")
+    for name, value in trained.items():
+        assert torch.allclose(merged[name], value, rtol=0, atol=1e-5), name
+    # Stage 2's LoRA alone would not give it.
+    alone = load_base_pipeline(stage1).unet
+    assert any(not torch.equal(alone.state_dict()[n], v) for n, v in trained.items())
