@@ -58,6 +58,7 @@ def tiny(tmp_path: Path, shard: Path, **fields) -> TrainConfig:
         model_profile="tiny", image_size=28, shards=(str(shard),), resolution=32, batch_size=2,
         max_steps=4, warmup_steps=0, checkpoint_every=100, log_every=1, output_dir=str(tmp_path / "run"),
         tracking=False, export_unet_lora=True, export_dtype="float32", seed=0,
+        data_workers=0,  # worker processes are tested in test_training_data.py
     )
     values.update(fields)
     return TrainConfig(**values)

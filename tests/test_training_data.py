@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mumu_model.build import tiny_processor
 from mumu_model.data.report import Skipped
 from mumu_model.data.shards import encode_image, json_bytes, read_shard, sample_prompt, write_shard
 from mumu_model.prompt import MultimodalPrompt
@@ -310,13 +311,15 @@ def test_all_bad_stream_raises_instead_of_looping(tmp_path, world_size):
     with pytest.raises(RuntimeError, match="none of the 4 samples"):
         next(iter(stream))
     assert dict(stream.skipped.counts) == {"bad_image": 1, "bad_record": 3}
+    loader = make_loader(_config(str(tmp_path / "bad.tar")), tiny_processor(28), 2, 0, world_size)
+    with pytest.raises(RuntimeError, match="none of the 4 samples"):
+        next(iter(loader))
 
 
 # -- batches and the encoder ---------------------------------------------------------------
 
 
 def test_collate_feeds_the_encoder_and_dropped_rows_are_the_guidance_branch(shards, pipe):
-    from mumu_model.build import tiny_processor
     from mumu_model.pipeline import encode_inputs
 
     processor = tiny_processor(28)
@@ -459,7 +462,11 @@ def test_ranks_index_disjoint_shards_and_get_the_same_index(shards, tmp_path, mo
 
     scanned: list[tuple[str, str]] = []
     scan = data_module._scan_shard
-    monkeypatch.setattr(data_module, "_scan_shard", lambda path: scanned.append((threading.current_thread().name, path.name)) or scan(path))
+    def recording_scan(path):
+        scanned.append((threading.current_thread().name, path.name))
+        return scan(path)
+
+    monkeypatch.setattr(data_module, "_scan_shard", recording_scan)
     streams = _on_ranks(2, lambda rank, gather: ShardStream(config, rank, 2, gather=gather))
     by_thread: dict[str, set[str]] = {}
     for thread, name in scanned:
@@ -473,7 +480,7 @@ def test_ranks_index_disjoint_shards_and_get_the_same_index(shards, tmp_path, mo
         assert dict(stream.skipped.counts) == {"damaged_shard": 1}
     # The same samples as a stream that indexed everything, and the ranks partition them.
     single = {(s.epoch, s.key, s.index): s for s in islice(alone, 40)}
-    for rank, stream in enumerate(streams):
+    for stream in streams:
         for sample in islice(stream, 15):
             assert _same(sample, single[(sample.epoch, sample.key, sample.index)])
 
@@ -515,9 +522,8 @@ def test_reshard_two_ranks_into_one_continues_with_their_samples(clean_shards, p
     merged = make_loader(config, pipe.processor, 4)
     merged.load_state_dict(reshard_states(states, 0, 1))
     for step, batch in zip(expected, islice(merged, 2)):
-        rows = {key: row for b in step for row, key in enumerate(b["keys"])}
         by_key = {key: (b, row) for b in step for row, key in enumerate(b["keys"])}
-        assert sorted(batch["keys"]) == sorted(rows)
+        assert sorted(batch["keys"]) == sorted(by_key) and len(by_key) == 4
         for row, key in enumerate(batch["keys"]):
             source, source_row = by_key[key]
             assert torch.equal(batch["pixel_values"][row], source["pixel_values"][source_row])
@@ -569,7 +575,8 @@ def test_bad_data_report_and_check(shards):
     report = stream.data_report()
     assert report["samples_indexed"] == 10 and report["samples_read"] == 10 and report["unusable_samples"] == 2
     assert report["unreadable_fraction"] == pytest.approx(0.2)
-    assert report["by_reason"]["bad_image"]["count"] == 1 and report["by_reason"]["bad_image"]["examples"][0].startswith("00000.tar:a4: ")
+    bad_image = report["by_reason"]["bad_image"]
+    assert bad_image["count"] == 1 and bad_image["examples"][0].startswith("00000.tar:a4: ")
     assert json.loads(json.dumps(report)) == report
     with pytest.raises(BadData, match=r"20\.00% .*00000\.tar \(1 unusable sample\(s\): bad_image 1\).*00001\.tar"):
         stream.check_bad_fraction(0.1)

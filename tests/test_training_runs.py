@@ -135,7 +135,7 @@ module.train(load_train_config(sys.argv[1]))
 
 def test_other_ranks_leave_while_rank_0_exports_past_the_timeout(tmp_path):
     shard = write_data(tmp_path / "data")
-    config = tiny(tmp_path, shard, max_steps=2, dist_timeout_s=8, **FULL)
+    config = tiny(tmp_path, shard, max_steps=2, dist_timeout_s=8, data_workers=2, **FULL)  # worker processes too
     config_file = tmp_path / "train.yaml"
     config_file.write_text(yaml.safe_dump(config.to_dict()))
     driver = tmp_path / "driver.py"
@@ -218,3 +218,26 @@ def test_stage2_unet_lora_carries_stage1(tmp_path):
     # Stage 2's LoRA alone would not give it.
     alone = load_base_pipeline(stage1).unet
     assert any(not torch.equal(alone.state_dict()[n], v) for n, v in trained.items())
+
+
+def test_a_truncated_shard_stops_the_run_naming_it_and_is_reported_when_allowed(tmp_path):
+    from mumu_model.training.data import BadData
+
+    data = tmp_path / "data"
+    write_data(data)
+    damaged = data / "00001.tar"
+    write_shard(damaged, ((f"s{i:03d}", sample) for i, (_, sample) in enumerate(records(4))))
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    with pytest.raises(BadData, match=r"unreadable, more than max_bad_fraction=0\.01.*00001\.tar \(damaged"):
+        Trainer(tiny(tmp_path, data, max_steps=1))
+
+    config = tiny(tmp_path, data, max_steps=1, max_bad_fraction=1.0, tracking=True,
+                  tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = Trainer(config).train()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.metrics["data/unreadable_fraction"] > 0.1
+    report = json.loads(Path(client.download_artifacts(run.info.run_id, "data_report.json")).read_text())
+    assert report["damaged_shards"] == 1 and report["worst_shards"][0]["shard"].endswith("00001.tar")

@@ -52,6 +52,8 @@ class TrainConfig:
     conditioning_dropout: float = 0.1  # fraction of prompts replaced by the empty prompt (CFG)
     augment_probability: float = 0.2  # fraction of conditioning images augmented (paper: 20%)
     cache_latents: bool = False  # cache VAE latents of targets on disk (output_dir/latents)
+    data_workers: int = 2  # processes decoding samples ahead of training; 0 decodes in the training process
+    data_prefetch: int = 2  # batches each worker decodes ahead
     data_seed: int | None = None  # the data stream's seed; None: `seed`
 
     # -- what trains, and how fast (paper Table 1) -----------------------------------------
@@ -154,7 +156,9 @@ class TrainConfig:
         for name in ("resolution", "batch_size", "max_steps", "lora_rank", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 fail(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "validate_every", "max_images"):
+        if self.data_prefetch < 1:
+            fail(f"data_prefetch must be >= 1, got {self.data_prefetch}")
+        for name in ("warmup_steps", "validate_every", "max_images", "data_workers"):
             if getattr(self, name) < 0:
                 fail(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.global_batch_size is not None and self.global_batch_size < 1:

@@ -181,7 +181,7 @@ def all_gather_bytes(data: bytes, device: torch.device) -> list[bytes]:
         buffer[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
     gathered = [torch.zeros_like(buffer) for _ in range(world)]
     dist.all_gather(gathered, buffer)
-    return [bytes(g[: int(n)].cpu().tolist()) for g, n in zip(gathered, lengths)]
+    return [g[: int(n)].cpu().numpy().tobytes() for g, n in zip(gathered, lengths)]
 
 
 def broadcast_bytes(data: bytes, device: torch.device) -> bytes:
@@ -194,7 +194,7 @@ def broadcast_bytes(data: bytes, device: torch.device) -> bytes:
     if dist.get_rank() == 0 and data:
         buffer[:] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
     dist.broadcast(buffer, src=0)
-    return bytes(buffer.cpu().tolist())
+    return buffer.cpu().numpy().tobytes()
 
 
 def barrier() -> None:

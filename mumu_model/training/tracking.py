@@ -122,6 +122,10 @@ class Tracker:
         if self.enabled:
             self.client.log_image(self.run_id, image, artifact_file=artifact_file)
 
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        if self.enabled:
+            self.client.log_dict(self.run_id, data, artifact_file)
+
     def log_artifact(self, local_file: str | Path, artifact_path: str) -> None:
         if self.enabled:
             self.client.log_artifact(self.run_id, str(local_file), artifact_path=artifact_path or None)

@@ -413,7 +413,7 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         from diffusers import DDPMScheduler
 
-        from .data import DataConfig, LatentCache, ShardStream, expand_shards
+        from .data import DataConfig, LatentCache, expand_shards, make_loader
 
         if not config.shards:
             raise ValueError("train config: shards is empty; list the caption shards (tar files, folders or globs)")
@@ -490,8 +490,16 @@ class Trainer:
             max_images=config.max_images,
             seed=config.seed if config.data_seed is None else config.data_seed,
         )
-        self.stream = ShardStream(data_config, rank=self.dist.rank, world_size=self.dist.world_size)
-        self.latent_cache = LatentCache(self.output_dir / "latents", self.pipe.vae) if config.cache_latents else None
+        # Each rank indexes its share of the shards and the ranks exchange the parts; workers
+        # decode ahead while the main process keeps the (resumable) position.
+        gather = (lambda data: parallel.all_gather_bytes(data, self._comm)) if self.dist.sharded else None
+        self.loader = make_loader(data_config, self.pipe.processor, config.batch_size, self.dist.rank,
+                                  self.dist.world_size, config.data_workers, config.data_prefetch, gather=gather)
+        self.stream = self.loader.stream
+        self.loader.check_bad_fraction(config.max_bad_fraction)  # damaged shards fail here, on every rank
+        self.latent_cache = None
+        if config.cache_latents:
+            self.latent_cache = LatentCache(self.output_dir / "latents", self.pipe.vae, writer=f"rank{self.dist.rank}")
 
         # Resume: weights, optimizer, EMA, LR schedule, data position, step, MLflow run.
         self.step = 0
@@ -511,15 +519,14 @@ class Trainer:
                                tags={"mumu.run_id": self.run_id, "data_version": self.identity["data"]})
         self.tracker.info(self.run_message)
         self.losses: list[float] = []
+        self._last_skipped: dict = {}
 
     @property
     def _comm(self) -> torch.device:
         return self.device  # gloo talks CPU tensors, nccl CUDA tensors: the training device
 
     def _batches(self):
-        from .data import batches
-
-        loaded = batches(self.stream, self.pipe.processor, self.config.batch_size)
+        loaded = iter(self.loader)
         if not self.dist.sharded:
             return loaded
         return (with_vision_row(batch, self.pipe.processor) for batch in loaded)
@@ -692,6 +699,7 @@ class Trainer:
                     metrics["step_time_s"] = window_time / len(window_losses)
                     metrics["samples_per_s"] = global_batch / metrics["step_time_s"]
                     metrics["peak_memory_mb"] = peak_memory_mb(self.device)
+                    metrics.update(self._data_metrics())  # collective: every rank reaches this line
                     window_losses, window_time = [], 0.0
                     self.tracker.log_metrics(metrics, self.step)
                     if self.dist.is_main:
@@ -708,8 +716,22 @@ class Trainer:
             status = "KILLED"
             raise
         finally:
+            if self.loader is not None:
+                self.loader.close()
             if status != "FINISHED":
                 self.tracker.finish(status)
+
+    def _data_metrics(self) -> dict[str, float]:
+        """Unreadable data so far, for the log; raises `BadData` naming the shards past the limit."""
+        report = self.loader.check_bad_fraction(self.config.max_bad_fraction)
+        metrics = {"data/unreadable_fraction": report["unreadable_fraction"]}
+        for reason, entry in report["by_reason"].items():
+            metrics[f"data/skipped/{reason}"] = entry["count"]
+        if report["by_reason"] and self.dist.is_main and report["by_reason"] != self._last_skipped:
+            logger.warning("skipped data so far (%.2f%% unreadable): %s", 100 * report["unreadable_fraction"],
+                           json.dumps(report["by_reason"]))
+        self._last_skipped = report["by_reason"]
+        return metrics
 
     # -- checkpoints -------------------------------------------------------------------------------
 
@@ -729,6 +751,8 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Every rank writes its shards of step-N/ (collective); rank 0 adds state.json last."""
         self._check_data_unchanged()
+        if self.latent_cache is not None:
+            self.latent_cache.flush()
         tensors, _, optimizer_state = self._checkpoint_tensors()
         data_states = parallel.all_gather_bytes(json.dumps(self.stream.state_dict()).encode(), self._comm)
         state = {
@@ -830,6 +854,9 @@ class Trainer:
         if self.last_saved != self.step:
             self.save_checkpoint()
         self.validate()
+        data_report = self.loader.check_bad_fraction(config.max_bad_fraction)  # collective
+        self.loader.close()
+        self.loader = None
         checkpoint = self.checkpoints.root / ckpt.checkpoint_name(self.step)
         # EMA on: the checkpoint's EMA weights (a checkpoint resumed at max_steps that had no EMA
         # has none, and then the reset EMA equals the raw weights anyway); off: the raw weights.
@@ -879,7 +906,10 @@ class Trainer:
             "mlflow_run_id": result.mlflow_run_id,
             "stage": config.stage,
             "world_size": self.dist.world_size,
+            "data_unreadable_fraction": data_report["unreadable_fraction"],
+            "data_skipped": json.dumps(data_report["by_reason"]),
         }
+        self.tracker.log_dict(data_report, "data_report.json")
         self.tracker.finish("FINISHED", summary)
         return result
 
