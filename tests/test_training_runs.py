@@ -129,7 +129,8 @@ def slow_export(*args, **kwargs):  # longer than the process group's timeout
 
 
 module.export_final = slow_export
-module.train(load_train_config(sys.argv[1]))
+if __name__ == "__main__":  # data workers start in fresh processes that import this file
+    module.train(load_train_config(sys.argv[1]))
 '''
 
 
