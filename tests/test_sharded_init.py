@@ -10,10 +10,7 @@ equal the eager build's on both ranks, and each rank holds only its half of ever
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,9 +24,10 @@ from mumu_model.prompt import MultimodalPrompt
 from mumu_model.training.config import TrainConfig
 from mumu_model.training import sharded_init
 from mumu_model.training.sharded_init import SafetensorsFolder, build_sharded, named_state
+
+from .distributed import run_two
 from mumu_model.training.trainer import load_base_pipeline, setup_model
 
-REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
 
@@ -213,16 +211,10 @@ dist.destroy_process_group()
 
 
 def test_two_processes_fsdp2(tiny_pipeline_dir, tmp_path):
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    assert torchrun, "torchrun not found beside the Python interpreter"
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node=2", str(driver), str(tiny_pipeline_dir), str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    code, output = run_two(driver, tiny_pipeline_dir, tmp_path, timeout=240)
+    assert code == 0, output[-8000:]
     for rank in (0, 1):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
         print(rank, report)

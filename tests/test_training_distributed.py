@@ -9,10 +9,6 @@ of the full (gathered) state dict; rank 0 writes the checkpoints and the final p
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
@@ -21,9 +17,9 @@ from PIL import Image
 from mumu_model.data.shards import write_shard
 from mumu_model.training.checkpoint import CheckpointManager
 
+from .distributed import run_two
 from .test_training import FULL, records, tiny
 
-REPO = Path(__file__).resolve().parents[1]
 
 DRIVER = '''
 import hashlib, json, sys
@@ -72,8 +68,6 @@ parallel.shutdown_distributed()
 
 
 def test_two_process_fsdp2_on_cpu(tmp_path):
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    assert torchrun, "torchrun not found beside the Python interpreter"
     shard = write_shard(tmp_path / "shards" / "00000.tar", records(4)).path
     Image.new("RGB", (16, 16), (30, 200, 30)).save(tmp_path / "green.png")
     config = tiny(
@@ -85,12 +79,8 @@ def test_two_process_fsdp2_on_cpu(tmp_path):
     config_file.write_text(yaml.safe_dump(config.to_dict()))
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node=2", str(driver), str(config_file), str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=280,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    code, output = run_two(driver, config_file, tmp_path, timeout=280)
+    assert code == 0, output[-8000:]
 
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for report in reports:

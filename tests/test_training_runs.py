@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from mumu_model.data.shards import write_shard
 from mumu_model.training.checkpoint import CheckpointManager, load_full
 from mumu_model.training.trainer import DataChanged, Trainer
 
+from .distributed import run_two, torchrun_two
 from .test_training import FULL, records, tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,13 +108,6 @@ def test_incomplete_init_from_and_changed_data_fail_clearly(tmp_path):
         trainer.save_checkpoint()
 
 
-def _torchrun(driver: Path, args: list[str], **popen) -> subprocess.Popen:
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([torchrun, "--standalone", "--nproc_per_node=2", str(driver), *args],
-                            cwd=REPO, env=env, start_new_session=True, **popen)
-
-
 SLOW_EXPORT = '''
 import sys, time
 from mumu_model.training import trainer as module
@@ -141,9 +134,8 @@ def test_other_ranks_leave_while_rank_0_exports_past_the_timeout(tmp_path):
     config_file.write_text(yaml.safe_dump(config.to_dict()))
     driver = tmp_path / "driver.py"
     driver.write_text(SLOW_EXPORT)
-    process = _torchrun(driver, [str(config_file), "16"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = process.communicate(timeout=280)[0]
-    assert process.returncode == 0, output[-5000:]
+    code, output = run_two(driver, config_file, "16", timeout=280)
+    assert code == 0, output[-5000:]
     assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()
 
 
@@ -159,7 +151,7 @@ def test_two_process_checkpoint_resumes_on_one_process(tmp_path):
     config_file.write_text(yaml.safe_dump(killed.to_dict()))
     driver = tmp_path / "driver.py"
     driver.write_text("import sys\nfrom mumu_model.training.trainer import run\nrun(sys.argv[1], [])\n")
-    process = _torchrun(driver, [str(config_file)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = torchrun_two(driver, config_file, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     runs = Path(killed.output_dir) / "runs"
     deadline = time.monotonic() + 240
     while not list(runs.glob("*/checkpoints/step-00000002")) and process.poll() is None and time.monotonic() < deadline:
