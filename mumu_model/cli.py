@@ -38,9 +38,11 @@ def resolve_device_dtype(
 ) -> tuple[str, torch.dtype]:
     """The device and weight dtype to run a pipeline in, from what a user typed.
 
-    `device`: "cpu", "cuda", "cuda:N", "mps", or None / "auto" for cuda when
-    `torch.cuda.is_available()`, else cpu. `dtype`: "float32", "bfloat16" or "float16" (also
-    fp32, bf16, fp16) or a `torch.dtype`; None: bfloat16 on cuda, float32 elsewhere.
+    `device`: "cpu", "cuda:N", "mps", or None / "auto" / "cuda" for this worker's GPU
+    ("cuda:<i>" from MUMU_DEVICE, LOCAL_RANK or CUDA_VISIBLE_DEVICES, see `mumu_model.devices`)
+    when `torch.cuda.is_available()`, else cpu ("cuda" then fails). `dtype`: "float32",
+    "bfloat16" or "float16" (also fp32, bf16, fp16) or a `torch.dtype`; None: bfloat16 on cuda,
+    float32 elsewhere.
 
     Returns (device string, torch dtype). Raises `ValueError`, in one line naming the value, for
     an unknown device or dtype, a device this machine does not have, or float16 on the CPU
@@ -48,9 +50,11 @@ def resolve_device_dtype(
     """
     import torch
 
+    from .devices import worker_device
+
     name = "auto" if device is None else str(device).strip()
-    if name.lower() == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.lower() in ("auto", "cuda"):  # this worker's GPU, never a bare "cuda" (GPU 0)
+        name = worker_device(name, setting="device")
     try:
         parsed = torch.device(name.lower())
     except (RuntimeError, ValueError):

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from ..atomic import write_bytes_atomic
+from ..atomic import atomic_file, write_bytes_atomic
 from ..images import DEFAULT_MAX_PIXELS, ImageLoadError, to_rgb
 from ..prompt import MultimodalPrompt
 from .report import Skipped
@@ -62,7 +61,8 @@ def decode_image(data: bytes, field: str, max_pixels: int = DEFAULT_MAX_PIXELS) 
         raise ImageLoadError(field, f"not a readable image ({type(err).__name__}: {err})") from err
 
 
-def _check_key(key: str) -> None:
+def check_key(key: str) -> None:
+    """Raise ShardError unless `key` can name a sample (WebDataset splits member names at dots)."""
     if not key or "." in key or "/" in key or key.startswith("_"):
         raise ShardError(f"sample key {key!r} must be non-empty, without '.', '/' or a leading '_'")
 
@@ -75,31 +75,25 @@ class ShardInfo:
 
 
 def write_shard(path: str | os.PathLike, samples: Iterable[tuple[str, Mapping[str, bytes]]]) -> ShardInfo:
-    """Write samples (key, {field: bytes}) to a tar, atomically. Duplicate keys are refused."""
+    """Write samples (key, {field: bytes}) to a tar, atomically. Duplicate keys are refused.
+
+    The tar is staged as `.<name>.<token>.tmp` beside `path` (`mumu_model.atomic`): a writer
+    killed mid-shard leaves only that temp, which DVC, `dvc_hash` and the `*.tar` readers ignore
+    and `remove_orphans` deletes. An exception raised by `samples` leaves no file at all."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     seen: set[str] = set()
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as handle:
-            with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for key, fields in samples:
-                    _check_key(key)
-                    if key in seen:
-                        raise ShardError(f"{path}: duplicate sample key {key!r}")
-                    seen.add(key)
-                    for field in sorted(fields):
-                        info = tarfile.TarInfo(f"{key}.{field}")
-                        info.size = len(fields[field])
-                        info.mtime, info.mode, info.uid, info.gid = 0, 0o644, 0, 0
-                        tar.addfile(info, io.BytesIO(fields[field]))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as handle:
+        with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, fields in samples:
+                check_key(key)
+                if key in seen:
+                    raise ShardError(f"{path}: duplicate sample key {key!r}")
+                seen.add(key)
+                for field in sorted(fields):
+                    info = tarfile.TarInfo(f"{key}.{field}")
+                    info.size = len(fields[field])
+                    info.mtime, info.mode, info.uid, info.gid = 0, 0o644, 0, 0
+                    tar.addfile(info, io.BytesIO(fields[field]))
     return ShardInfo(path=path, samples=len(seen), bytes=path.stat().st_size)
 
 
@@ -144,9 +138,12 @@ def sample_json(sample: Sample, key: str = "?") -> dict:
     if "json" not in sample:
         raise ShardError(f"sample {key!r} has no json field")
     try:
-        return json.loads(sample["json"])
+        meta = json.loads(sample["json"])
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ShardError(f"sample {key!r}: json field is not valid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise ShardError(f"sample {key!r}: json field is a {type(meta).__name__}, not an object")
+    return meta
 
 
 def sample_prompt(sample: Sample, key: str = "?", max_images: int | None = 4) -> MultimodalPrompt:

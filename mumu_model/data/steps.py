@@ -2,6 +2,12 @@
 
 The Dagster assets (mumu_assets) and anyone scripting the data pipeline call these; all the
 model work lives in the backends passed in, all storage in `shards`.
+
+Faults stay small. Each step first removes the temps that killed writers left in its output
+folder (`remove_orphans`). A row that raises is dropped and reported with its key and error
+(`StepResult.failed`, and `row_error` in `skipped`), and the good rows are written; only when
+more than `MAX_FAILED_FRACTION` of a shard's rows raise, which is a broken backend or a bug
+rather than bad data, does the step raise `ShardFailed`, listing them, and write nothing.
 """
 
 from __future__ import annotations
@@ -16,11 +22,16 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from ..atomic import remove_orphans
 from ..images import ImageLoadError
 from .report import Skipped
 from .shards import (
-    ShardError, decode_image, encode_image, json_bytes, read_shard, sample_json, write_shard, write_table,
+    ShardError, check_key, decode_image, encode_image, json_bytes, read_shard, sample_json, write_shard,
+    write_table,
 )
+
+# Above this fraction of a shard's rows raising, the shard fails instead of being written short.
+MAX_FAILED_FRACTION = 0.5
 
 
 def shard_of(item_id: str, num_shards: int) -> int:
@@ -35,11 +46,57 @@ def rng_for(key: str, seed: int, purpose: str) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
+class ShardFailed(RuntimeError):
+    """Too many rows of one shard raised; the shard was not written (a previous version stays).
+    `failed` holds (key, error) of every row that raised, `attempted` the rows tried."""
+
+    def __init__(self, out: Path, failed: list[tuple[str, str]], attempted: int, shown: int = 10):
+        self.out, self.failed, self.attempted = Path(out), list(failed), attempted
+        rows = "; ".join(f"{key}: {error}" for key, error in failed[:shown])
+        more = f"; and {len(failed) - shown} more" if len(failed) > shown else ""
+        super().__init__(
+            f"{out}: {len(failed)} of {attempted} rows raised (more than {MAX_FAILED_FRACTION:.0%}), "
+            f"so the shard was not written: {rows}{more}"
+        )
+
+
 @dataclass
 class StepResult:
     rows: int
     skipped: Skipped = field(default_factory=Skipped)
     table: pd.DataFrame | None = None
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (key, "Error: message") of rows that raised
+    orphans_removed: list[str] = field(default_factory=list)  # names of killed writers' temps deleted
+    attempted: int = 0  # rows that reached the step's own per-row work (failed ones included)
+
+    def row_failed(self, key: str, err: BaseException) -> None:
+        error = f"{type(err).__name__}: {err}"
+        self.failed.append((key, error))
+        self.skipped.add("row_error", key, error)
+
+    def check_failures(self, out: Path) -> None:
+        """Raise ShardFailed if more than MAX_FAILED_FRACTION of the attempted rows raised."""
+        if self.failed and len(self.failed) > MAX_FAILED_FRACTION * self.attempted:
+            raise ShardFailed(out, self.failed, self.attempted)
+
+
+def _start(out: Path) -> StepResult:
+    """A step's result, after deleting the temps that killed writers left beside `out`."""
+    return StepResult(rows=0, orphans_removed=[path.name for path in remove_orphans(out.parent)])
+
+
+class _Keys:
+    """Refuses, as a row error, a key that cannot name a sample or that repeats an earlier one
+    (write_shard would fail the whole shard on it)."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def check(self, key: str) -> None:
+        check_key(key)
+        if key in self.seen:
+            raise ShardError(f"duplicate sample key {key!r}")
+        self.seen.add(key)
 
 
 def iter_images(shard: Path, skipped: Skipped, keys: set[str] | None = None) -> Iterator[tuple[str, Image.Image, dict]]:
@@ -75,17 +132,28 @@ def synthesize(pairs: pd.DataFrame, synthesizer, out: Path, image_format: str = 
     the colours being learned (32 px renders).
     """
     image_format = _image_format(image_format)
-    result = StepResult(rows=0)
+    result = _start(out)
     manifest = []
+    keys = _Keys()
 
     def samples() -> Iterable[tuple[str, dict]]:
         for row, image in synthesizer.generate(pairs.to_dict("records"), skipped=result.skipped):
-            meta = {k: row[k] for k in ("pair_id", "content", "style", "text", "seed")}
-            meta.update(source="synthetic", width=image.width, height=image.height)
-            if row.get("annotations") is not None:
-                meta["annotations"] = row["annotations"]
-            manifest.append({**meta, "annotations": json.dumps(meta["annotations"]) if "annotations" in meta else None})
-            yield row["pair_id"], {image_format: encode_image(image, image_format), "json": json_bytes(meta)}
+            result.attempted += 1
+            key = str(row.get("pair_id", "?"))
+            try:
+                keys.check(key)
+                meta = {k: row[k] for k in ("pair_id", "content", "style", "text", "seed")}
+                meta.update(source="synthetic", width=image.width, height=image.height)
+                if row.get("annotations") is not None:
+                    meta["annotations"] = row["annotations"]
+                fields = {image_format: encode_image(image, image_format), "json": json_bytes(meta)}
+                entry = {**meta, "annotations": json.dumps(meta["annotations"]) if "annotations" in meta else None}
+            except Exception as err:  # noqa: BLE001 - one bad row costs only itself (check_failures bounds it)
+                result.row_failed(key, err)
+                continue
+            manifest.append(entry)
+            yield key, fields
+        result.check_failures(out)  # raised inside write_shard: no shard is written
 
     write_shard(out, samples())
     result.rows = len(manifest)
@@ -97,16 +165,35 @@ def synthesize(pairs: pd.DataFrame, synthesizer, out: Path, image_format: str = 
 
 
 def score(shard: Path, scorer, out: Path, batch_size: int = 16) -> StepResult:
-    """PickScore of every synthetic image against its own prompt text."""
-    result = StepResult(rows=0)
+    """PickScore of every synthetic image against its own prompt text.
+
+    The scorer gives NaN to a pair it cannot score and names it (by key) in `skipped`; a batch
+    that raises is retried row by row, so one bad row costs only itself."""
+    result = _start(out)
     rows: list[dict] = []
     batch: list[tuple[str, Image.Image, dict]] = []
 
+    def score_batch(items: list[tuple[str, Image.Image, dict]]) -> None:
+        skipped = Skipped()  # merged only if the batch succeeds, so a retried row is counted once
+        try:
+            scores = scorer.score([m.get("text") for _, _, m in items], [image for _, image, _ in items],
+                                  ids=[k for k, _, _ in items], skipped=skipped)
+            scored = [{"key": k, "text": m.get("text"), "score": float(s), "defect": _defect(m)}
+                      for (k, _, m), s in zip(items, scores, strict=True)]
+        except Exception as err:  # noqa: BLE001 - retried per row, then counted
+            if len(items) == 1:
+                result.row_failed(items[0][0], err)
+                return
+            for item in items:
+                score_batch([item])
+            return
+        result.skipped.update(skipped)
+        rows.extend(scored)
+
     def flush() -> None:
         if batch:
-            scores = scorer.score([m["text"] for _, _, m in batch], [image for _, image, _ in batch])
-            rows.extend({"key": k, "text": m["text"], "score": float(s), "defect": _defect(m)}
-                        for (k, _, m), s in zip(batch, scores))
+            result.attempted += len(batch)
+            score_batch(list(batch))
             batch.clear()
 
     for item in iter_images(shard, result.skipped):
@@ -114,6 +201,7 @@ def score(shard: Path, scorer, out: Path, batch_size: int = 16) -> StepResult:
         if len(batch) == batch_size:
             flush()
     flush()
+    result.check_failures(out)
     result.rows = len(rows)
     result.table = pd.DataFrame(rows, columns=["key", "text", "score", "defect"])
     write_table(result.table, out)
@@ -133,6 +221,7 @@ def filter_scores(
     are the output."""
     from .scoring import filter_by_score
 
+    remove_orphans(out.parent)
     kept, stats = filter_by_score(scores, min_score, min_quantile)
     write_table(kept, out)
     return kept, stats
@@ -142,22 +231,32 @@ def ingest_real(items: Iterable[tuple], out: Path, **ingest_kwargs) -> StepResul
     """Filter, crop on the person, and caption real photos into a shard (key = image id hash)."""
     from .real_images import ingest_real_images
 
-    result = StepResult(rows=0)
+    result = _start(out)
     manifest = []
+    keys = _Keys()
 
     def samples() -> Iterable[tuple[str, dict]]:
         for record in ingest_real_images(items, skipped=result.skipped, **ingest_kwargs):
             if not record.get("caption"):
                 result.skipped.add("no_caption", record["image_id"])
                 continue
-            key = hashlib.sha256(record["image_id"].encode()).hexdigest()[:16]
-            meta = {
-                "image_id": record["image_id"], "caption": record["caption"], "text": record["caption"],
-                "source": "real", "width": record["width"], "height": record["height"],
-                "person_box": list(record["person_box"]) if record.get("person_box") else None,
-            }
+            result.attempted += 1
+            image_id = str(record.get("image_id", "?"))
+            try:
+                key = hashlib.sha256(image_id.encode()).hexdigest()[:16]
+                keys.check(key)
+                meta = {
+                    "image_id": record["image_id"], "caption": record["caption"], "text": record["caption"],
+                    "source": "real", "width": record["width"], "height": record["height"],
+                    "person_box": list(record["person_box"]) if record.get("person_box") else None,
+                }
+                fields = {"jpg": encode_image(record["image"], "jpg"), "json": json_bytes(meta)}
+            except Exception as err:  # noqa: BLE001 - one bad row costs only itself (check_failures bounds it)
+                result.row_failed(image_id, err)
+                continue
             manifest.append({"key": key, **{k: meta[k] for k in ("image_id", "caption", "width", "height")}})
-            yield key, {"jpg": encode_image(record["image"], "jpg"), "json": json_bytes(meta)}
+            yield key, fields
+        result.check_failures(out)
 
     write_shard(out, samples())
     result.rows = len(manifest)
@@ -179,34 +278,52 @@ def detect(sources: list[tuple[Path, set[str] | None]], detector, out: Path, bat
     """Detections of each caption's noun phrases in its image; all phrases of an image in one query."""
     from .detection import caption_phrases, with_head_query
 
-    result = StepResult(rows=0)
+    result = _start(out)
     rows: list[dict] = []
-    batch: list[tuple[str, Image.Image, dict]] = []
+    batch: list[tuple[str, Image.Image, dict, list]] = []
+
+    def detect_batch(items: list[tuple[str, Image.Image, dict, list]]) -> None:
+        skipped = Skipped()  # merged only if the batch succeeds, so a retried row is counted once
+        try:
+            found = detector.detect([image for _, image, _, _ in items], [phrases for *_, phrases in items],
+                                    keys=[k for k, _, _, _ in items], skipped=skipped)
+            found_rows = [
+                {"key": key, "source": meta.get("source", ""), "phrase": d.phrase.text,
+                 "start": d.phrase.start, "end": d.phrase.end, "x0": d.box[0], "y0": d.box[1],
+                 "x1": d.box[2], "y1": d.box[3], "score": float(d.score), "label": d.label}
+                for (key, _, meta, _), detections in zip(items, found, strict=True) for d in detections
+            ]
+        except Exception as err:  # noqa: BLE001 - retried per row, then counted
+            if len(items) == 1:
+                result.row_failed(items[0][0], err)
+                return
+            for item in items:
+                detect_batch([item])
+            return
+        result.skipped.update(skipped)
+        rows.extend(found_rows)
+        result.rows += len(items)
 
     def flush() -> None:
-        if not batch:
-            return
-        phrases = [with_head_query(caption_phrases(detection_text(meta))) for _, _, meta in batch]
-        found = detector.detect([image for _, image, _ in batch], phrases, keys=[k for k, _, _ in batch],
-                                skipped=result.skipped)
-        for (key, _, meta), detections in zip(batch, found):
-            for d in detections:
-                rows.append({
-                    "key": key, "source": meta.get("source", ""), "phrase": d.phrase.text,
-                    "start": d.phrase.start, "end": d.phrase.end, "x0": d.box[0], "y0": d.box[1],
-                    "x1": d.box[2], "y1": d.box[3], "score": float(d.score), "label": d.label,
-                })
-        result.rows += len(batch)
-        batch.clear()
+        if batch:
+            detect_batch(list(batch))
+            batch.clear()
 
     for shard, keys in sources:
         if not shard.exists():
             continue  # an optional branch (no real images configured) has no shard
-        for item in iter_images(shard, result.skipped, keys):
-            batch.append(item)
+        for key, image, meta in iter_images(shard, result.skipped, keys):
+            result.attempted += 1
+            try:
+                phrases = with_head_query(caption_phrases(detection_text(meta)))
+            except Exception as err:  # noqa: BLE001 - one bad row costs only itself
+                result.row_failed(key, err)
+                continue
+            batch.append((key, image, meta, phrases))
             if len(batch) == batch_size:
                 flush()
     flush()
+    result.check_failures(out)
     result.table = pd.DataFrame(rows, columns=DETECTION_COLUMNS)
     write_table(result.table, out)
     return result
@@ -241,28 +358,38 @@ def caption(
     make_record = {1: stage1_record, 2: stage2_record}[stage]
     image_format = _image_format(image_format)
     found = detections_by_key(detections)
-    result = StepResult(rows=0)
+    result = _start(out)
     manifest = []
+    sample_keys = _Keys()
 
     def samples() -> Iterable[tuple[str, dict]]:
         for shard, keys in sources:
             if not shard.exists():
                 continue
             for key, image, meta in iter_images(shard, result.skipped, keys):
-                text = meta.get("text") or meta.get("caption") or ""
-                record = make_record(key, image, text, found.get(key, []), rng=rng_for(key, seed, f"stage{stage}"),
-                                     skipped=result.skipped, **record_kwargs)
-                if record is None:
+                result.attempted += 1
+                try:
+                    sample_keys.check(key)
+                    text = meta.get("text") or meta.get("caption") or ""
+                    record = make_record(key, image, text, found.get(key, []),
+                                         rng=rng_for(key, seed, f"stage{stage}"), skipped=result.skipped,
+                                         **record_kwargs)
+                    if record is None:
+                        continue
+                    record_meta = {"prompt": record.prompt, "caption": record.caption, "source": meta.get("source"),
+                                   **record.meta}
+                    entry = {"key": key, "prompt": record.prompt, "source": meta.get("source"),
+                             "num_images": len(record.crops), "control": record.meta.get("control"),
+                             "crop_areas": [_area_fraction(c["box"], record.target.size)
+                                            for c in record.meta.get("crops", [])]}
+                    fields = {image_format: encode_image(record.target, image_format), "json": json_bytes(record_meta)}
+                    fields.update({name: encode_image(img, name) for name, img in record.crops.items()})
+                except Exception as err:  # noqa: BLE001 - one bad row costs only itself (check_failures bounds it)
+                    result.row_failed(key, err)
                     continue
-                record_meta = {"prompt": record.prompt, "caption": record.caption, "source": meta.get("source"),
-                               **record.meta}
-                manifest.append({"key": key, "prompt": record.prompt, "source": meta.get("source"),
-                                 "num_images": len(record.crops), "control": record.meta.get("control"),
-                                 "crop_areas": [_area_fraction(c["box"], record.target.size)
-                                                for c in record.meta.get("crops", [])]})
-                fields = {image_format: encode_image(record.target, image_format), "json": json_bytes(record_meta)}
-                fields.update({name: encode_image(img, name) for name, img in record.crops.items()})
+                manifest.append(entry)
                 yield key, fields
+        result.check_failures(out)
 
     write_shard(out, samples())
     result.rows = len(manifest)

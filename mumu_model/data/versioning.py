@@ -9,14 +9,42 @@ from __future__ import annotations
 import os
 import tempfile
 
+from ..atomic import is_temp_name
+
+
+class _SkipTemps:
+    """dvc_data's `Ignore` protocol: walk a folder without atomic writers' temp entries.
+
+    DVC applies the repository's `.dvcignore` (which lists `TEMP_PATTERN`) when it hashes a
+    folder; `dvc_hash` builds with a bare filesystem that knows no `.dvcignore`, so it drops the
+    same pattern itself. A killed writer's temp thus changes neither hash.
+    """
+
+    def walk(self, fs, path, **kwargs):
+        for root, dirs, files in fs.walk(path, **kwargs):
+            for entries in (dirs, files):
+                # In place: os.walk then skips the pruned folders (a list, or a dict with detail=True).
+                for name in [name for name in entries if is_temp_name(name)]:
+                    if isinstance(entries, dict):
+                        del entries[name]
+                    else:
+                        entries.remove(name)
+            yield root, dirs, files
+
+    def find(self, fs, path, **kwargs):
+        for root, _, files in self.walk(fs, path, **kwargs):
+            for name in files:
+                yield f"{root}{fs.sep}{name}"
+
 
 def dvc_hash(path: str | os.PathLike) -> str:
-    """md5 of a file, or DVC's `<md5>.dir` tree hash of a folder (what dvc.lock records)."""
+    """md5 of a file, or DVC's `<md5>.dir` tree hash of a folder (what dvc.lock records).
+    Temp files and folders of atomic writers (`.<name>.<token>.tmp`) are not part of it."""
     from dvc_data.hashfile.build import build
     from dvc_data.hashfile.db import HashFileDB
     from dvc_objects.fs.local import LocalFileSystem
 
     fs = LocalFileSystem()
     with tempfile.TemporaryDirectory() as scratch:
-        _, _, obj = build(HashFileDB(fs, scratch), os.fspath(path), fs, "md5")
+        _, _, obj = build(HashFileDB(fs, scratch), os.fspath(path), fs, "md5", ignore=_SkipTemps())
     return obj.hash_info.value

@@ -26,7 +26,8 @@ Runs. A run is identified by its recipe, its data version and its starting weigh
 latest finished run's exports are linked from `output_dir/pipeline` and `output_dir/unet_lora`.
 New data or a changed recipe starts a new run beside the old one; `resume=latest` continues only
 a checkpoint of the same identity, on any number of processes (`global_batch_size` keeps the
-recipe; the noise of a sample is drawn from (seed, step, sample key), not from a rank's RNG).
+recipe; every step's noise is drawn for the whole global batch from one generator that every
+rank advances alike and checkpoints carry).
 
 Ranks never wait on rank-0-only work: after the last collective (final checkpoint, validation)
 every other rank leaves, and rank 0 alone exports and uploads.
@@ -34,6 +35,7 @@ every other rank leaves, and rank 0 alone exports and uploads.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import gc
@@ -362,13 +364,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def sample_seed(seed: int, step: int, key: str) -> int:
-    """The seed of one sample's noise and timestep at one optimizer step: the same on any rank
-    and any number of processes, so a resumed or re-sharded run draws exactly the same noise."""
-    digest = hashlib.sha256(f"{seed}:noise:{step}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
-
-
 BLANK_KEY = "__mumu_blank__"
 
 
@@ -427,7 +422,7 @@ class Trainer:
         if config.init_from is not None:
             # The folder it names now: a training output's `pipeline` link moves when a newer run
             # finishes, and this run (its checkpoints, its export) must keep rebuilding from this one.
-            kind, folder = resolve_init(config.init_from)
+            _, folder = resolve_init(config.init_from)
             config = dataclasses.replace(config, init_from=str(folder))
         self.config = config
 
@@ -480,6 +475,10 @@ class Trainer:
                 f"the pipeline's scheduler predicts {self.noise_scheduler.config.prediction_type!r}; "
                 "the trainer supports 'epsilon' (SDXL) and 'v_prediction'"
             )
+        # Noise and timesteps of every step come from this generator, the same on every rank.
+        self.noise_generator = torch.Generator(device=self.device).manual_seed(config.seed * 1000 + 1)
+        self._step_noise: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._micro = 0  # the micro-batch of the step being computed
 
         # Data: this rank's slice of a deterministic, resumable stream.
         data_config = DataConfig(
@@ -593,26 +592,42 @@ class Trainer:
             latents = vae_latents(self.pipe.vae, batch["pixel_values"].to(self.device))
         return latents.to(self.device, torch.float32)
 
-    def draw_noise(self, latents: torch.Tensor, keys: list[str], generator: torch.Generator | None):
-        """Noise and timesteps for a batch: from `generator` when given, else per sample from
-        `sample_seed(seed, step, key)`."""
+    def draw_noise(self, latents: torch.Tensor, generator: torch.Generator | None):
+        """Noise and timesteps for a batch of latents: from `generator` when given; else this
+        rank's rows of the step's table for the current micro-batch (`_draw_step_noise`)."""
         steps = self.noise_scheduler.config.num_train_timesteps
         if generator is not None:
             noise = torch.randn(latents.shape, generator=generator, device=generator.device)
             timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=generator.device)
             return noise.to(self.device), timesteps.to(self.device)
-        noises, timesteps = [], []
-        for key in keys:
-            sample = torch.Generator().manual_seed(sample_seed(self.config.seed, self.step, key))
-            noises.append(torch.randn(latents.shape[1:], generator=sample))
-            timesteps.append(torch.randint(0, steps, (1,), generator=sample))
-        return torch.stack(noises).to(self.device), torch.cat(timesteps).to(self.device)
+        if self._step_noise is None:
+            self._step_noise = self._draw_step_noise(latents.shape[1:])
+        noise, timesteps = self._step_noise
+        # Rank r holds slots r, r+W, ... of the stream, so its row j of micro-batch m is the
+        # step's global row (m B + j) W + r; rows past the table (a blank row) get row 0, weight 0.
+        world, batch = self.dist.world_size, self.config.batch_size
+        rows = [((self._micro * batch + j) * world + self.dist.rank) for j in range(latents.shape[0])]
+        rows = torch.tensor([row if row < len(noise) else 0 for row in rows], device=noise.device)
+        return noise[rows].to(self.device), timesteps[rows].to(self.device)
+
+    def _draw_step_noise(self, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise and timesteps of every sample of one optimizer step (the global batch, in the
+        data stream's global order), from one generator every rank advances alike: the draws
+        do not depend on how the batch is split over processes and micro-batches, and a
+        checkpoint carries the generator, so a resumed run draws exactly what an uninterrupted
+        one would, on any number of processes."""
+        size = self.config.batch_size * self.dist.world_size * self.accumulation
+        generator = self.noise_generator
+        noise = torch.randn((size, *shape), generator=generator, device=generator.device)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (size,), generator=generator,
+                                  device=generator.device)
+        return noise, timesteps
 
     def compute_loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         """The denoising MSE on one batch; noise and timesteps as `draw_noise` gives them."""
         latents = self.latents(batch)
         size = latents.shape[0]
-        noise, timesteps = self.draw_noise(latents, batch["keys"], generator)
+        noise, timesteps = self.draw_noise(latents, generator)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         # SDXL micro-conditioning: original size, crop top-left, target size (as at inference).
         res = self.config.resolution
@@ -637,7 +652,8 @@ class Trainer:
         micro = [batches] if isinstance(batches, dict) else list(batches)
         self.model.train()
         mean_loss, dropped = 0.0, 0.0
-        for batch in micro:
+        self._step_noise = None
+        for self._micro, batch in enumerate(micro):
             loss = self.compute_loss(batch, None) / len(micro)
             # Every rank sees the same mean loss, so all stop together (backward is collective).
             part = parallel.all_reduce_mean(loss.detach()).item()
@@ -763,6 +779,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "param_groups": [{k: v for k, v in group.items() if k != "params"} for group in optimizer_state["param_groups"]],
             "ema": self.ema is not None,
+            "noise_generator": base64.b64encode(self.noise_generator.get_state().numpy().tobytes()).decode(),
             "data": [json.loads(blob) for blob in data_states],
             "loss": self.losses[-1] if self.losses else None,
             "mlflow_run_id": self.tracker.run_id,
@@ -792,6 +809,8 @@ class Trainer:
         if self.ema is not None and not state.get("ema"):
             self.ema.reset()
         self.scheduler.load_state_dict(state["scheduler"])
+        generator_state = bytearray(base64.b64decode(state["noise_generator"]))
+        self.noise_generator.set_state(torch.frombuffer(generator_state, dtype=torch.uint8).clone())
         self.stream.load_state_dict(self._data_state(state, path))
         self.step = self.last_saved = int(state["step"])
         self.run_message = f"resumed run {self.run_id} from {path} at step {self.step}"

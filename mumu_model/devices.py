@@ -1,0 +1,141 @@
+"""Which accelerator a worker process runs its models on.
+
+On a multi-GPU host many workers run side by side, one per GPU, started by torchrun, Slurm,
+Ray or a run launcher. Each must use its own GPU: a bare "cuda" is the current device, GPU 0
+unless someone called `torch.cuda.set_device`, so N workers would all land on GPU 0. Every
+`device` setting ("auto", "cuda", "cuda:N", "cpu", "mps") is resolved here instead.
+
+This worker's device, a GPU among those CUDA lets it see, is:
+- `MUMU_DEVICE` when set (e.g. "cuda:3", or "cpu"): a launcher's explicit pin for this worker;
+- else `cuda:<LOCAL_RANK>` (torchrun), or `cuda:<SLURM_LOCALID>` (srun) when LOCAL_RANK is unset;
+- else, or when that index is past the visible devices while `CUDA_VISIBLE_DEVICES` is set,
+  `cuda:0`: the launcher already narrowed the visible set to this worker's GPUs (Ray GPU
+  actors, one GPU per Kubernetes pod, Slurm `--gpus-per-task`), so the first one is its own.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+DEVICE_ENV = "MUMU_DEVICE"
+# torchrun sets LOCAL_RANK; srun sets SLURM_LOCALID (also around torchrun, which then wins).
+LOCAL_INDEX_ENVS = ("LOCAL_RANK", "SLURM_LOCALID")
+_DEVICE_HELP = "use auto, cpu, cuda, cuda:N or mps"
+
+
+def worker_device(requested: str | None = "auto", setting: str = "device") -> str:
+    """The device this worker should run on, as a string for `.to()`: "cpu", "cuda:N" or "mps".
+
+    `requested`:
+    - "auto" or None: `MUMU_DEVICE` if set, else this worker's GPU (module docstring) when CUDA
+      is available, else "cpu";
+    - "cuda": this worker's GPU, never silently GPU 0 (`MUMU_DEVICE` counts when it names a
+      CUDA device); a `ValueError` without CUDA;
+    - "cuda:N", "cpu", "mps": honoured as given.
+
+    `setting` names where `requested` came from (a flag, a config field) in error messages.
+    Raises `ValueError`, in one line naming the setting or environment variable, for a value
+    that is not a device, a CUDA device this machine does not have, or a local rank past the
+    visible GPUs (more workers on this host than GPUs).
+    """
+    name = "auto" if requested is None else str(requested).strip().lower()
+    pinned = os.environ.get(DEVICE_ENV, "").strip().lower()
+    if pinned in ("auto", "cuda"):  # the same as unset: resolved from the rank below
+        pinned = ""
+    if name == "auto":
+        if pinned:
+            return _checked(pinned, DEVICE_ENV)
+        return f"cuda:{_assigned_cuda_index()}" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{setting} {requested!r}: CUDA is not available on this machine; use cpu")
+        if pinned.startswith("cuda"):
+            return _checked(pinned, DEVICE_ENV)
+        return f"cuda:{_assigned_cuda_index()}"
+    return _checked(name, setting, shown=requested)
+
+
+def check_worker_devices(workers: int, devices_per_worker: int = 1, setting: str = "workers") -> list[str]:
+    """Check that `workers` processes, each given `devices_per_worker` GPUs, fit this host.
+
+    Returns, per worker, the `CUDA_VISIBLE_DEVICES` value to start it with (its own GPUs, taken
+    in order from the devices this process sees, so an outer restriction is kept). With
+    `devices_per_worker=0` the workers run on the CPU and each value is "" (no GPU).
+
+    Raises `ValueError`, naming `setting`, when the host has fewer visible GPUs than
+    `workers * devices_per_worker`: the launcher fails at once instead of starting workers that
+    would share or miss a GPU. Only counts devices; nothing is allocated.
+    """
+    if workers < 1:
+        raise ValueError(f"{setting}={workers}: need at least 1 worker")
+    if devices_per_worker < 0:
+        raise ValueError(f"devices_per_worker={devices_per_worker}: must be 0 (CPU workers) or more")
+    if devices_per_worker == 0:
+        return [""] * workers
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    need = workers * devices_per_worker
+    if need > count:
+        per = "" if devices_per_worker == 1 else f" x {devices_per_worker} GPUs each"
+        fit = count // devices_per_worker
+        hint = f"lower {setting} to at most {fit}" if fit else "run on a host with more GPUs, or CPU workers"
+        raise ValueError(f"{setting}={workers}{per} needs {need} GPU(s), but this host has {count} visible; {hint}")
+    visible = _visible_device_ids(count)
+    return [
+        ",".join(visible[i * devices_per_worker:(i + 1) * devices_per_worker]) for i in range(workers)
+    ]
+
+
+def _checked(name: str, setting: str, shown: str | None = None) -> str:
+    """`name` as a device string, if this machine has it; errors quote `shown` (default `name`)."""
+    shown = name if shown is None else shown
+    try:
+        parsed = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{setting} {shown!r}: not a device; {_DEVICE_HELP}") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{setting} {shown!r}: CUDA is not available on this machine; use cpu")
+        count = torch.cuda.device_count()
+        if parsed.index >= count:
+            raise ValueError(
+                f"{setting} {shown!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            )
+    elif parsed.type not in ("cpu", "mps"):
+        raise ValueError(f"{setting} {shown!r}: not supported; {_DEVICE_HELP}")
+    return str(parsed)
+
+
+def _assigned_cuda_index() -> int:
+    """This worker's GPU among the visible ones (module docstring); CUDA must be available."""
+    count = torch.cuda.device_count()
+    for variable in LOCAL_INDEX_ENVS:
+        value = os.environ.get(variable, "").strip()
+        if value:
+            break
+    else:
+        return 0
+    try:
+        index = int(value)
+    except ValueError:
+        raise ValueError(f"{variable}={value!r}: not a local rank (a whole number from 0)") from None
+    if index < 0:
+        raise ValueError(f"{variable}={value!r}: not a local rank (a whole number from 0)")
+    if index < count:
+        return index
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        return 0  # the launcher narrowed visibility to this worker's own GPU(s)
+    raise ValueError(
+        f"{variable}={index}: this host has {count} visible CUDA device(s), cuda:0 to cuda:{count - 1}; "
+        f"start at most {count} workers per host, or give each its GPU with CUDA_VISIBLE_DEVICES"
+    )
+
+
+def _visible_device_ids(count: int) -> list[str]:
+    """The ids a child's CUDA_VISIBLE_DEVICES takes for this process's visible devices 0..count-1."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return [str(i) for i in range(count)]
+    ids = [part.strip() for part in listed.split(",") if part.strip()]
+    return ids[:count]
