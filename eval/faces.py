@@ -119,12 +119,14 @@ class ArcFaceEmbedder:
             from insightface.app import FaceAnalysis
         except ImportError as err:
             raise ImportError(INSIGHTFACE_HINT) from err
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
+        gpu = int(device.partition(":")[2] or 0) if device.startswith("cuda") else None  # this worker's GPU, not GPU 0
+        providers = ([("CUDAExecutionProvider", {"device_id": gpu}), "CPUExecutionProvider"] if gpu is not None
+                     else ["CPUExecutionProvider"])
         try:
             self._app = FaceAnalysis(name=model, root=str(Path(root).expanduser()), providers=providers)
         except (AssertionError, FileNotFoundError, OSError) as err:  # insightface asserts on missing files
             raise FileNotFoundError(f"cannot load insightface {model} from {root}: {err}; {INSIGHTFACE_HINT}") from err
-        self._app.prepare(ctx_id=0 if device.startswith("cuda") else -1, det_size=(det_size, det_size))
+        self._app.prepare(ctx_id=gpu if gpu is not None else -1, det_size=(det_size, det_size))
 
     def faces(self, image: Image.Image) -> list[Face]:
         bgr = np.ascontiguousarray(np.asarray(to_rgb(image), dtype=np.uint8)[:, :, ::-1])

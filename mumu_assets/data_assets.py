@@ -3,10 +3,15 @@
 Each asset is a thin wrapper over one `mumu_model.data.steps` function: it reads its inputs
 from the storage folder, runs the step with the profile's backend, writes its dataset
 atomically, and reports rows in/out, what was skipped and why, and the DVC hash.
+
+A sharded step drops a row that raises and lists it (`failed_rows`); a shard whose rows mostly
+raise fails its own partition only, naming them (`_shard_fails_alone`). Temps that killed
+writers left in the output folder are deleted first (`orphans_removed`).
 """
 
 # No `from __future__ import annotations`: Dagster reads the config and resource types of
 # asset functions from their live annotations.
+import contextlib
 import json
 import math
 
@@ -28,6 +33,40 @@ P = params()
 # A new version of an upstream dataset re-materializes what depends on it, shard by shard,
 # when the automation sensor runs (`dagster dev` starts it).
 EAGER = dg.AutomationCondition.eager()
+
+# Failing rows listed in metadata or in a partition's failure (all are counted).
+LISTED_FAILURES = 100
+
+
+@contextlib.contextmanager
+def _shard_fails_alone():
+    """Turn a shard whose rows mostly raised into this partition's failure, listing the rows.
+    No retry: the same data would fail the same way. Other partitions run on their own."""
+    try:
+        yield
+    except steps.ShardFailed as err:
+        raise dg.Failure(
+            description=str(err), allow_retries=False,
+            metadata={"failed_rows": dg.MetadataValue.int(len(err.failed)),
+                      "attempted_rows": dg.MetadataValue.int(err.attempted),
+                      "failed_row_list": dg.MetadataValue.json(_listed(err.failed))},
+        ) from err
+
+
+def _listed(failed: list[tuple[str, str]]) -> list[str]:
+    return [f"{key}: {error}" for key, error in failed[:LISTED_FAILURES]]
+
+
+def _step_metadata(out, rows_in: int | None, rows_out: int, result: steps.StepResult) -> dict:
+    """`dataset_metadata` plus the rows that raised (key: error) and the orphans removed."""
+    metadata = dataset_metadata(out, rows_in, rows_out, result.skipped)
+    metadata["failed_rows"] = dg.MetadataValue.int(len(result.failed))
+    if result.failed:
+        metadata["failed_row_list"] = dg.MetadataValue.json(_listed(result.failed))
+    if result.orphans_removed:
+        metadata["orphans_removed"] = dg.MetadataValue.json(result.orphans_removed)
+    return metadata
+
 
 # -- prompts -------------------------------------------------------------------------------
 
@@ -132,8 +171,9 @@ def synthetic_images(
         config.height, config.width, config.steps, config.guidance, config.batch_size
     )
     out = storage.path("synthetic", "images", f"{shard}.tar")
-    result = steps.synthesize(pairs, synthesizer, out, config.image_format)
-    metadata = dataset_metadata(out, len(pairs), result.rows, result.skipped)
+    with _shard_fails_alone():
+        result = steps.synthesize(pairs, synthesizer, out, config.image_format)
+    metadata = _step_metadata(out, len(pairs), result.rows, result)
     annotations = result.table["annotations"].dropna()
     if len(annotations):  # a renderer that knows what it drew: how many images are wrong on purpose
         defects = pd.Series([json.loads(a).get("defect") for a in annotations]).value_counts().to_dict()
@@ -156,9 +196,10 @@ def pickscore_scores(
     """PickScore of each synthetic image against its prompt."""
     shard = context.partition_key
     out = storage.path("synthetic", "pickscore", f"{shard}.parquet")
-    result = steps.score(storage.path("synthetic", "images", f"{shard}.tar"), scorer_backend.get(), out)
+    with _shard_fails_alone():
+        result = steps.score(storage.path("synthetic", "images", f"{shard}.tar"), scorer_backend.get(), out)
     scores = result.table["score"]
-    metadata = dataset_metadata(out, None, result.rows, result.skipped)
+    metadata = _step_metadata(out, None, result.rows, result)
     if len(scores):
         metadata.update(
             score_mean=dg.MetadataValue.float(float(scores.mean())),
@@ -237,8 +278,9 @@ def real_images(
     shard = context.partition_key
     out = storage.path("real", "images", f"{shard}.tar")
     items = steps.real_image_items(config.source, int(shard), config.num_shards) if config.source else []
-    result = steps.ingest_real(items, out, **real_image_models.ingest_kwargs(config.min_side, config.max_people))
-    metadata = dataset_metadata(out, None, result.rows, result.skipped)
+    with _shard_fails_alone():
+        result = steps.ingest_real(items, out, **real_image_models.ingest_kwargs(config.min_side, config.max_people))
+    metadata = _step_metadata(out, None, result.rows, result)
     metadata["source"] = dg.MetadataValue.text(config.source or "none configured")
     metadata["filters"] = dg.MetadataValue.json(real_image_models.describe())
     return dg.MaterializeResult(metadata=metadata)
@@ -271,9 +313,10 @@ def detections(
     shard = context.partition_key
     out = storage.path("detections", f"{shard}.parquet")
     detector = detector_backend.build_detector(config.box_threshold, config.text_threshold)
-    result = steps.detect(_caption_sources(storage, shard), detector, out, config.batch_size)
+    with _shard_fails_alone():
+        result = steps.detect(_caption_sources(storage, shard), detector, out, config.batch_size)
     table = result.table
-    metadata = dataset_metadata(out, result.rows, len(table), result.skipped)
+    metadata = _step_metadata(out, result.rows, len(table), result)
     metadata["images_with_detections"] = dg.MetadataValue.int(table["key"].nunique())
     metadata["top_phrases"] = dg.MetadataValue.json(table["phrase"].value_counts().head(10).to_dict())
     bad = int(((table["x1"] <= table["x0"]) | (table["y1"] <= table["y0"]) | (table[["x0", "y0"]] < 0).any(axis=1)).sum())
@@ -309,7 +352,7 @@ def _records_check(out, max_images: int, max_crops: int) -> dg.AssetCheckResult:
 
 def _caption_metadata(out, result: steps.StepResult, storage: DatasetStorage, name: str) -> dict:
     table = result.table
-    metadata = dataset_metadata(out, None, result.rows, result.skipped)
+    metadata = _step_metadata(out, None, result.rows, result)
     areas = [a for row in table["crop_areas"] for a in row]
     metadata["with_crop_fraction"] = dg.MetadataValue.float(
         float((table["num_images"] > 0).mean()) if len(table) else 0.0
@@ -333,15 +376,16 @@ def multimodal_captions_stage1(
     """Stage-1 training records: up to 3 crops before their words, 30% with a control image."""
     shard = context.partition_key
     out = storage.path("captions", "stage1", f"{shard}.tar")
-    result = steps.caption(
-        1, _caption_sources(storage, shard), pd.read_parquet(storage.path("detections", f"{shard}.parquet")), out,
-        seed=config.seed, max_crops=config.max_crops, max_images=config.max_images,
-        control_probability=config.control_probability, control_backends=control_image_models.get(),
-        min_side=config.min_crop_side, reference_side=config.reference_side,
-        max_area_fraction=config.max_area_fraction, head_probability=config.head_probability,
-        text_only_probability=config.text_only_probability, crop_replaces_words=config.crop_replaces_words,
-        image_format=config.image_format,
-    )
+    with _shard_fails_alone():
+        result = steps.caption(
+            1, _caption_sources(storage, shard), pd.read_parquet(storage.path("detections", f"{shard}.parquet")), out,
+            seed=config.seed, max_crops=config.max_crops, max_images=config.max_images,
+            control_probability=config.control_probability, control_backends=control_image_models.get(),
+            min_side=config.min_crop_side, reference_side=config.reference_side,
+            max_area_fraction=config.max_area_fraction, head_probability=config.head_probability,
+            text_only_probability=config.text_only_probability, crop_replaces_words=config.crop_replaces_words,
+            image_format=config.image_format,
+        )
     metadata = _caption_metadata(out, result, storage, f"stage1-{shard}.png")
     metadata["control_kinds"] = dg.MetadataValue.json(result.table["control"].value_counts().to_dict())
     return dg.MaterializeResult(metadata=metadata, check_results=[_records_check(out, config.max_images, config.max_crops)])
@@ -356,14 +400,15 @@ def multimodal_captions_stage2(
     world: the object of a one-object image, or now and then none, text-only)."""
     shard = context.partition_key
     out = storage.path("captions", "stage2", f"{shard}.tar")
-    result = steps.caption(
-        2, _caption_sources(storage, shard), pd.read_parquet(storage.path("detections", f"{shard}.parquet")), out,
-        seed=config.seed, reference_side=config.reference_side, max_area_fraction=config.max_area_fraction,
-        subject=config.stage2_subject, max_subjects=config.stage2_max_subjects,
-        text_only_probability=config.text_only_probability,
-        crop_replaces_words=config.crop_replaces_words,
-        image_format=config.image_format,
-    )
+    with _shard_fails_alone():
+        result = steps.caption(
+            2, _caption_sources(storage, shard), pd.read_parquet(storage.path("detections", f"{shard}.parquet")), out,
+            seed=config.seed, reference_side=config.reference_side, max_area_fraction=config.max_area_fraction,
+            subject=config.stage2_subject, max_subjects=config.stage2_max_subjects,
+            text_only_probability=config.text_only_probability,
+            crop_replaces_words=config.crop_replaces_words,
+            image_format=config.image_format,
+        )
     metadata = _caption_metadata(out, result, storage, f"stage2-{shard}.png")
     return dg.MaterializeResult(metadata=metadata, check_results=[_records_check(out, 1, 1)])
 

@@ -3,6 +3,10 @@
 Profiles swap the backends (mumu_assets.profiles); the assets never name a model. Backends an
 asset calls once per run are built on demand (`build_*`); the others load on first use and are
 kept for the rest of the run (`get()`).
+
+Every backend's `device` is resolved per worker by `mumu_model.devices.worker_device`: "auto"
+(the default) is this worker's own GPU (MUMU_DEVICE, LOCAL_RANK, CUDA_VISIBLE_DEVICES), else
+the CPU, so workers sharing a multi-GPU host do not all load onto GPU 0.
 """
 
 from __future__ import annotations
@@ -14,18 +18,11 @@ import dagster as dg
 from pydantic import PrivateAttr
 
 
-def _device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
+def _device(resource: dg.ConfigurableResource) -> str:
+    """The resource's `device` setting resolved for this worker ("auto": its own GPU, else cpu)."""
+    from mumu_model.devices import worker_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return worker_device(resource.device, setting=f"{type(resource).__name__}.device")
 
 
 class DatasetStorage(dg.ConfigurableResource):
@@ -70,7 +67,7 @@ class ContentStyleBackend(_CachedBackend):
         if self.backend == "transformers":
             if not self.model:
                 raise ValueError("content_style backend 'transformers' needs `model` (a path or hub id)")
-            primary = TransformersChatSplitter(self.model, gguf_file=self.gguf_file, device=_device(self.device))
+            primary = TransformersChatSplitter(self.model, gguf_file=self.gguf_file, device=_device(self))
         elif self.backend == "openai":
             if not (self.base_url and self.model):
                 raise ValueError("content_style backend 'openai' needs `base_url` and `model`")
@@ -102,11 +99,17 @@ class SynthesisBackend(dg.ConfigurableResource):
             raise ValueError(f"unknown synthesis backend {self.backend!r}; use sdxl or toy")
         if not self.model:
             raise ValueError("synthesis backend 'sdxl' needs `model` (a path or hub id)")
+        from mumu_model.cli import resolve_device_dtype
         from mumu_model.data.synthesis import SDXLSynthesizer
 
+        device = _device(self)
+        try:
+            device, dtype = resolve_device_dtype(device, self.dtype)
+        except ValueError as err:  # "dtype 'int8': ..." -> "SynthesisBackend.dtype 'int8': ..."
+            raise ValueError(f"{type(self).__name__}.{err}") from None
         return SDXLSynthesizer(
             self.model, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
-            batch_size=batch_size, device=_device(self.device), dtype=_dtype(self.dtype),
+            batch_size=batch_size, device=device, dtype=dtype,
         )
 
 
@@ -120,7 +123,7 @@ class ScorerBackend(_CachedBackend):
     def _build(self):
         from mumu_model.data.scoring import PickScorer
 
-        return PickScorer(self.model, self.processor, device=_device(self.device))
+        return PickScorer(self.model, self.processor, device=_device(self))
 
 
 class DetectorBackend(dg.ConfigurableResource):
@@ -145,7 +148,7 @@ class DetectorBackend(dg.ConfigurableResource):
         if not self.model:
             raise ValueError("detector backend 'grounding_dino' needs `model` (a path or hub id)")
         return GroundingDinoDetector(
-            self.model, box_threshold=box_threshold, text_threshold=text_threshold, device=_device(self.device)
+            self.model, box_threshold=box_threshold, text_threshold=text_threshold, device=_device(self)
         )
 
 
@@ -194,7 +197,7 @@ class RealImageModels(dg.ConfigurableResource):
             DetrPersonCounter, ImageClassifierFilter, LlavaNextCaptioner, MinResolution,
         )
 
-        device = _device(self.device)
+        device = _device(self)
         filters = [MinResolution(min_side)]
         if self.sfw_classifier:
             filters.append(ImageClassifierFilter(self.sfw_classifier, self.sfw_reject_labels, name="nsfw", device=device))
@@ -225,7 +228,7 @@ class ControlImageModels(_CachedBackend):
 
         backends = {"canny": CannyBackend()}
         if self.depth:
-            backends["depth"] = TransformersDepthBackend(self.depth, device=_device(self.device))
+            backends["depth"] = TransformersDepthBackend(self.depth, device=_device(self))
         if self.sketch:
             backends["sketch"] = PidiNetSketchBackend(self.sketch)
         return backends

@@ -34,15 +34,14 @@ import logging
 import math
 import os
 import re
-import shutil
-import tempfile
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence, Union
 
 import torch
 from torch import nn
+
+from .atomic import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +192,11 @@ def _save_unet_lora(out_dir, modules: Mapping[str, dict], config: dict, provenan
         MUMU_METADATA_KEY: json.dumps(_jsonable(provenance), sort_keys=True),
     }
     out_dir = Path(out_dir)
-    _write_dir_atomically(out_dir, lambda tmp: save_file(tensors, str(tmp / LORA_WEIGHT_NAME), metadata=metadata))
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} exists and is not a directory")
+    with atomic_dir(out_dir) as tmp:
+        save_file(tensors, str(tmp / LORA_WEIGHT_NAME), metadata=metadata)
     return out_dir
 
 
@@ -209,31 +212,6 @@ def _jsonable(value):
         # str-enums (PeftType) are str instances; json.dumps writes their value.
         return value.value if hasattr(value, "value") and isinstance(value, str) else value
     return str(value)
-
-
-def _write_dir_atomically(out_dir: Path, write) -> None:
-    """Call ``write(tmp)`` on a fresh temp folder next to ``out_dir``, then rename it into place."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"{out_dir} exists and is not a directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        write(tmp)
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out_dir, old)
-            try:
-                os.replace(tmp, out_dir)
-            except BaseException:
-                os.replace(old, out_dir)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -509,7 +487,10 @@ def merge_lora_into_pipeline(pipeline_dir, lora_path, unet_path, out_dir, scale:
     merge_unet_lora(unet, lora_path, scale=scale)
     pipe.register_modules(unet=unet)
     out_dir = Path(out_dir)
-    _write_dir_atomically(out_dir, lambda tmp: pipe.save_pretrained(str(tmp)))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} exists and is not a directory")
+    with atomic_dir(out_dir) as tmp:
+        pipe.save_pretrained(str(tmp))
     return out_dir
 
 

@@ -84,7 +84,7 @@ def test_resolve_device_dtype_defaults_and_names(monkeypatch):
     assert resolve_device_dtype("auto", "bf16") == ("cpu", torch.bfloat16)
     assert resolve_device_dtype("CPU", torch.float32) == ("cpu", torch.float32)
     _fake_cuda(monkeypatch, 2)  # only parsed here, nothing is put on a GPU
-    assert resolve_device_dtype() == ("cuda", torch.bfloat16)
+    assert resolve_device_dtype() == ("cuda:0", torch.bfloat16)  # this worker's GPU, see test_devices.py
     assert resolve_device_dtype("cuda:1", "fp16") == ("cuda:1", torch.float16)
     assert resolve_device_dtype("cpu") == ("cpu", torch.float32)
 

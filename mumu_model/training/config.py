@@ -94,7 +94,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # "bf16": autocast + FSDP bf16 params on GPU only; "no": fp32
     activation_checkpointing: bool = False
     seed: int = 0
-    device: str | None = None  # None: cuda:<LOCAL_RANK> if CUDA is available, else cpu
+    device: str | None = None  # None: this worker's GPU (mumu_model.devices.worker_device), else cpu
     # How long a collective may wait for the slowest rank before the run fails (NCCL's default
     # is 10 minutes). Rank-0-only work (export, MLflow uploads) runs after the other ranks left.
     dist_timeout_s: float = 600.0

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..devices import worker_device
+
 
 @dataclass(frozen=True)
 class Distributed:
@@ -49,9 +51,7 @@ def init_distributed(device: str | None = None, timeout_s: float = 600.0) -> Dis
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    target = torch.device(device)
+    target = torch.device(worker_device(device))  # None: this worker's GPU (LOCAL_RANK), else the CPU
     if target.type == "cuda":
         torch.cuda.set_device(target)
     if world_size > 1 and not dist.is_initialized():

@@ -39,7 +39,6 @@ import base64
 import contextlib
 import dataclasses
 import gc
-import hashlib
 import json
 import logging
 import math
