@@ -1,6 +1,6 @@
 """Evaluation metrics: DreamBench's DINO / CLIP-I / CLIP-T, MUMU's multimodal-prompt CLIP score.
 
-DreamBench protocol (SPEC §3), as DreamBooth defines it:
+DreamBench protocol, as DreamBooth defines it:
 - DINO: mean cosine similarity of DINO ViT-S/16 embeddings (`facebook/dino-vits16`, the CLS
   token of the last hidden state) between generated and reference images.
 - CLIP-I: the same with CLIP ViT-B/32 image embeddings (`openai/clip-vit-base-patch32`).
@@ -15,7 +15,7 @@ that drops objects cannot hide behind the ones it kept. Both the object image an
 are padded to square (black, as MUMU pads its conditioning images) before CLIP, so CLIP's
 centre crop cuts nothing off either.
 
-Colour probe (the toy world, SPEC §7): analytic, no model. A prompt's objects may name the
+Colour probe (the toy world): analytic, no model. A prompt's objects may name the
 palette colour the output should take from their images; the probe counts, per palette colour,
 the solid 2x2 patches of the output near it (`mumu_model.toy.world.colour_counts`; single pixels
 would let noise score), and a colour "covers" the image with at least `min_patches` of them.

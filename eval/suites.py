@@ -14,7 +14,7 @@ A suite file (`eval/suites/*.yaml`, format in `eval/suites/README.md`):
         faces: []                                       # face consistency (portraits)
 
 An object may name the palette colour the output should take from its image (the toy world,
-SPEC §7: captions leave the colour out, so only the conditioning crop can supply it):
+captions leave the colour out, so only the conditioning crop can supply it):
 
         objects: [{image: 0007.png, phrase: circle, colour: red}]   # analytic colour probe
 

@@ -7,7 +7,7 @@ Both profiles have the same two keys, so the graph is the same:
 
 In the paper profile they are hub checkpoints, declared (not built) so lineage shows what the
 data and the model depend on. Nothing can be downloaded for the toy profile, so there the graph
-trains both on its own renders, in about a minute each (SPEC §7).
+trains both on its own renders, in about a minute each.
 """
 
 # No `from __future__ import annotations`: Dagster reads config and resource types from the

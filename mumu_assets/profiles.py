@@ -40,7 +40,7 @@ PAPER = {
     "control_image_models": ControlImageModels(depth="depth-anything/Depth-Anything-V2-Small-hf"),
     "training_cluster": TrainingCluster(nnodes=1, nproc_per_node=8),
     "pipes_subprocess_client": dg.PipesSubprocessClient(),
-    # The published protocol's metric models (SPEC §3); ArcFace needs the insightface extra.
+    # The published protocol's metric models; ArcFace needs the insightface extra.
     "eval_models": EvalModelsResource(
         clip="openai/clip-vit-base-patch32", dino="facebook/dino-vits16", pickscore="yuvalkirstain/PickScore_v1",
         detector="IDEA-Research/grounding-dino-base", face="dlib", sdxl="stabilityai/stable-diffusion-xl-base-1.0",
@@ -49,7 +49,7 @@ PAPER = {
 
 
 def toy_resources(root: str = "data") -> dict:
-    """The toy world (SPEC §7): a renderer for SDXL, its known boxes for GroundingDINO, and a CLIP
+    """The toy world: a renderer for SDXL, its known boxes for GroundingDINO, and a CLIP
     trained by the graph (under `root`/models) for PickScore and the evaluation's CLIP."""
     scorer = f"{root}/models/scorer"
     return {

@@ -79,7 +79,7 @@ class ContentStyleBackend(_CachedBackend):
 
 class SynthesisBackend(dg.ConfigurableResource):
     """Text-to-image for the synthetic half of the data: `sdxl` (paper: SDXL base, `model` a
-    hub id or folder) or `toy` (the procedural renderer of the toy world, SPEC §7, which also
+    hub id or folder) or `toy` (the procedural renderer of the toy world, which also
     reports its boxes and makes `defect_probability` of its images wrong on purpose)."""
 
     backend: str = "sdxl"

@@ -98,7 +98,7 @@ PROFILES: dict[str, ModelConfig] = {
         adapter_heads=4,
         dtype="float32",
     ),
-    # The embedded default (SPEC §7): 32 px renders of coloured shapes, a VAE trained by the data
+    # The embedded default: 32 px renders of coloured shapes, a VAE trained by the data
     # graph (set `vae`), crops of 28 px = 4 tokens, a 3-layer width-128 adapter, UNet (32, 64, 64),
     # v-prediction: with epsilon, 600 steps gave samples that ignored the prompt.
     "toy": ModelConfig(

@@ -320,8 +320,8 @@ def stage1_record(
     probability `control_probability` a control image of the whole target (kind drawn
     uniformly among `control_backends`; "canny" is always available) opens the prompt, and
     the crops are capped so that crops + control <= `max_images`. A caption with no crop
-    left still gives a record (text-only examples teach the model to draw from text alone,
-    SPEC §7), with `meta["no_crops"]`. None (counted in `skipped`) for a bad image or an
+    left still gives a record (text-only examples teach the model to draw from text alone),
+    with `meta["no_crops"]`. None (counted in `skipped`) for a bad image or an
     empty caption. Random draws come from `rng`, in a fixed order: the control decision and
     kind first, so they depend on the key alone, then (only if `text_only_probability` > 0)
     whether this record keeps its crops at all, then one draw per person with a head.
@@ -329,7 +329,7 @@ def stage1_record(
     `text_only_probability` (default 0, the paper's rule) drops every crop of a record on
     purpose. Real captions often have no usable box, so real data has text-only records; a
     world where every object is found (the toy renderer's boxes) needs them made, or the model
-    never learns to draw from text alone and a text-only ablation falls below chance (SPEC §7).
+    never learns to draw from text alone and a text-only ablation falls below chance.
 
     `crop_replaces_words` (default none) are dropped from each phrase that gets a crop; see
     `insert_crops`. The record's `caption` stays the full caption.

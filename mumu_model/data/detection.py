@@ -1,6 +1,6 @@
 """Find the caption's objects in its image: phrases, detectors, and the paper's crop rules.
 
-The bootstrapping step of MUMU (SPEC §2, paper §4): an open-vocabulary detector
+The bootstrapping step of MUMU (paper §4): an open-vocabulary detector
 (GroundingDINO) looks for the caption's noun phrases in the image; crops that are too small or
 too large are dropped; a detected person is replaced by their head 70% of the time. The crops
 are then inserted into the caption before their words (`mumu_model.data.captions`).
@@ -678,7 +678,7 @@ def choose_person_crops(
 def crop(image: Image.Image, box: Sequence[float], pad_fraction: float = 0.0) -> Image.Image:
     """The RGB crop of `box` (grown by `pad_fraction` of its size on each side), clamped.
 
-    Tight by default: the model copies colour that intrudes at a crop's edge (SPEC §7).
+    Tight by default: the model copies colour that intrudes at a crop's edge.
     Coordinates are rounded outward so the crop always contains the whole box.
     """
     x0, y0, x1, y1 = (float(v) for v in box)

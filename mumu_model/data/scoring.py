@@ -1,4 +1,4 @@
-"""PickScore: how much people would like an image for a prompt (paper §2 Data; SPEC §3).
+"""PickScore: how much people would like an image for a prompt (paper §2 Data).
 
 The paper kept only SDXL images above a minimum PickScore. PickScore_v1 is a CLIP ViT-H/14
 fine-tuned on Pick-a-Pic preferences; its score is `logit_scale.exp() * cos(text, image)`, as in

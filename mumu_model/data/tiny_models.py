@@ -203,7 +203,7 @@ def tiny_grounding_dino(path: str | Path, words: Sequence[str], seed: int = 0, i
 
     A word missing from `words` tokenizes to [UNK], so pass every word the captions use (BERT
     word pieces such as "##erness" too). Swin backbone and BERT text model from configs (no
-    timm, no hub); `decoder_layers=2`, the least that works (SPEC §5). Images are resized to
+    timm, no hub); `decoder_layers=2`, the least that works. Images are resized to
     `image_side` px on their short side.
     """
     path = Path(path)
@@ -211,7 +211,7 @@ def tiny_grounding_dino(path: str | Path, words: Sequence[str], seed: int = 0, i
     vocab = {}
     for index in range(_BERT_TINY_VOCAB_SIZE):
         vocab[_BERT_IDS.get(index) or next(names, None) or f"[unused{index}]"] = index
-    # transformers 5 ignores `vocab_file=` here; `vocab=` works (SPEC §5).
+    # transformers 5 ignores `vocab_file=` here; `vocab=` works.
     tokenizer = BertTokenizer(vocab=vocab)
     config = GroundingDinoConfig(
         backbone_config=SwinConfig(

@@ -1,4 +1,4 @@
-"""The toy world (SPEC §7): a procedurally rendered world of coloured shapes on low-saturation
+"""The toy world: a procedurally rendered world of coloured shapes on low-saturation
 backgrounds, small enough that every "pretrained" part of the pipeline can be trained on a laptop
 CPU in minutes. `world.py` holds its prompt grammar, the renderer (a drop-in for the SDXL
 synthesizer that also knows its boxes), an analytic colour probe and the held-out colour suite;

@@ -1,4 +1,4 @@
-"""The toy world's "pretrained" parts, trained from its own renders (SPEC §7).
+"""The toy world's "pretrained" parts, trained from its own renders.
 
 No pretrained weights exist offline, so in the toy profile the data graph trains the parts a
 real run downloads: a VAE (SDXL's role) and a CLIP scorer (PickScore's role). Both are the real

@@ -1,7 +1,7 @@
 """The toy world: coloured shapes on low-saturation backgrounds, rendered procedurally.
 
 Real SDXL weights cannot be had everywhere, and random weights prove nothing about learning, so
-the default profile runs the same data and training graph on this world (SPEC §7). A scene is
+the default profile runs the same data and training graph on this world. A scene is
 one to three shapes (`SHAPES`), each in one of eight saturated colours (`PALETTE`), on one of
 six background styles (`BACKGROUNDS`). Prompts follow a tiny grammar::
 
@@ -81,7 +81,7 @@ MAX_BACKGROUND_SATURATION = 0.2
 # Object side in pixels on a 32 px canvas, inclusive ranges, scaled with the canvas size.
 # Objects of 7-17 px (a few 16x16 latent cells) were rarely drawn at all when a prompt asked
 # for one of them: the denoiser never committed to so little evidence. These sizes are the
-# scale of SPEC §7's 16x16 crops; a scene that has no room shrinks its biggest object.
+# scale of the 16x16 crops of the first toy experiment; a scene without room shrinks its biggest object.
 _SIDE_RANGES: dict[str | None, tuple[int, int]] = {"small": (10, 12), None: (13, 16), "big": (17, 20)}
 _REFERENCE_CANVAS = 32
 
@@ -562,7 +562,7 @@ def write_colour_suite(out_dir: str | Path, *, count: int = 120, seed: int = 10_
         crop_scene = Scene((ObjectSpec(shape, colour, size_word),))
         image, objects = render_scene(crop_scene, np.random.default_rng((seed, i)), size)
         # Tight, no margin: the same crop the training data cuts from renderer boxes, and a
-        # model copies colour that intrudes at a crop's edge (SPEC §7).
+        # model copies colour that intrudes at a crop's edge.
         crop = image.crop(tuple(objects[0]["box"]))
         name = f"{i:0{name_width}d}.png"
         buffer = io.BytesIO()
@@ -580,7 +580,7 @@ def write_colour_suite(out_dir: str | Path, *, count: int = 120, seed: int = 10_
         for name, data in crops.items():
             (images_dir / name).write_bytes(data)
     header = (
-        "# Held-out colour transfer in the toy world (SPEC §7). Generated, do not edit:\n"
+        "# Held-out colour transfer in the toy world. Generated, do not edit:\n"
         f"#   python -m mumu_model.toy.world suite --out <this folder> --count {count}"
         f" --seed {seed} --size {size}\n"
         "# Each crop is the tight box of one object cut from its own single-object scene; the\n"

@@ -9,7 +9,7 @@
     ema.load_state_dict(tensors)
 
 Why: sampling from an average of recent weights instead of the last step's weights smooths
-out the optimizer's noise; in this project's toy experiment (SPEC §7) EMA 0.999 raised colour
+out the optimizer's noise; in this project's toy experiment EMA 0.999 raised colour
 match from 51% to 80%. The model knows nothing about it: the EMA holds its own "shadow"
 tensor per trainable parameter, in the same order, and only reads and (while swapped in)
 writes the parameters' values.
