@@ -30,7 +30,6 @@ class UsageError(ValueError):
 # names so that checking a command line does not import diffusers and transformers).
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-_DEVICE_HELP = "use cpu, cuda, cuda:N, mps or auto"
 
 
 def resolve_device_dtype(
@@ -52,24 +51,7 @@ def resolve_device_dtype(
 
     from .devices import worker_device
 
-    name = "auto" if device is None else str(device).strip()
-    if name.lower() in ("auto", "cuda"):  # this worker's GPU, never a bare "cuda" (GPU 0)
-        name = worker_device(name, setting="device")
-    try:
-        parsed = torch.device(name.lower())
-    except (RuntimeError, ValueError):
-        raise ValueError(f"device {device!r}: not a device; {_DEVICE_HELP}") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: CUDA is not available on this machine; use cpu")
-        count = torch.cuda.device_count()
-        if parsed.index is not None and parsed.index >= count:
-            raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    elif parsed.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"device {device!r}: MPS is not available on this machine; use cpu")
-    elif parsed.type != "cpu":
-        raise ValueError(f"device {device!r}: not supported; {_DEVICE_HELP}")
+    parsed = torch.device(worker_device(device, setting="device"))
 
     if dtype is None:
         resolved = torch.bfloat16 if parsed.type == "cuda" else torch.float32

@@ -102,7 +102,10 @@ def _checked(name: str, setting: str, shown: str | None = None) -> str:
             raise ValueError(
                 f"{setting} {shown!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
             )
-    elif parsed.type not in ("cpu", "mps"):
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{setting} {shown!r}: MPS is not available on this machine; use cpu")
+    elif parsed.type != "cpu":
         raise ValueError(f"{setting} {shown!r}: not supported; {_DEVICE_HELP}")
     return str(parsed)
 
