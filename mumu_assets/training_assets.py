@@ -4,7 +4,10 @@ checkpoint paths and final pipeline folder come back as materialization metadata
 
 # No `from __future__ import annotations`: Dagster reads config and resource types from the
 # live annotations.
+import os
+import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
@@ -12,31 +15,136 @@ import dagster as dg
 from mumu_model.data.versioning import dvc_hash
 
 from .data_assets import multimodal_captions_stage1, multimodal_captions_stage2
+from .launchers import (
+    KubernetesJob,
+    SharedFileMessageReader,
+    SlurmJob,
+    free_port,
+    kubernetes_manifests,
+    log_tail,
+    rendezvous_failed,
+    run_kubernetes,
+    run_local,
+    slurm_script,
+    submit_slurm,
+    to_yaml,
+    torchrun_flags,
+)
 from .params import params
 from .resources import DatasetStorage
 
 T = params(group="training")
 
 
+LAUNCHERS = ("local", "slurm", "kubernetes")
+
+
+@dataclass
+class Launched:
+    """How a launch ended: what was run, its exit status, its logs, the rendezvous it used."""
+
+    command: list[str]
+    returncode: int
+    logs: list[Path]
+    rdzv_endpoint: str
+
+
 class TrainingCluster(dg.ConfigurableResource):
     """Where training runs: torchrun with `nproc_per_node` processes on each of `nnodes` nodes
-    (paper: 1 node x 8 H100). With one node the rendezvous is local (`--standalone`); with
-    several, every node runs the same command against `rdzv_endpoint`."""
+    (paper: 1 node x 8 H100), started by `launcher`:
 
+    - "local": agents are subprocesses here. One node: `--standalone`; several: `nnodes` agents
+      on this machine with a c10d rendezvous at `rdzv_endpoint` (empty: 127.0.0.1, a free port).
+    - "slurm": an sbatch script with one torchrun agent per node, rendezvous on the first node
+      (port of `rdzv_endpoint`, else 29500), submitted with `sbatch --wait`.
+    - "kubernetes": an Indexed Job (one pod per node, `nproc_per_node` GPUs each) and a headless
+      Service, applied and watched with kubectl; shared storage from `k8s_volume_claim`.
+
+    Dagster Pipes reads the reporting rank's messages from `pipes_dir` (empty: `pipes/` beside
+    the stage's output), which every node must see at the same path. A rendezvous that nobody
+    answers fails after `rdzv_timeout_s`.
+    """
+
+    launcher: str = "local"
     nnodes: int = 1
     nproc_per_node: int = 8
-    rdzv_endpoint: str = "127.0.0.1:29500"
+    rdzv_endpoint: str = ""
     rdzv_id: str = "mumu"
+    rdzv_timeout_s: int = 900
+    pipes_dir: str = ""
+    python: str = ""  # the interpreter on the nodes; empty: this one (local, slurm) or "python" (kubernetes)
+    # slurm
+    slurm_partition: str = ""
+    slurm_account: str = ""
+    slurm_time: str = "24:00:00"
+    gpus_per_node: int = -1  # -1: nproc_per_node; 0: ask for none (CPU nodes)
+    slurm_directives: list[str] = []  # more `#SBATCH` options, e.g. "--exclusive"
+    # kubernetes
+    k8s_image: str = ""
+    k8s_namespace: str = "default"
+    k8s_volume_claim: str = ""
+    k8s_mount_path: str = ""  # where the claim is mounted; empty: the working directory
 
-    def command(self, config_file: str, overrides: list[str]) -> list[str]:
-        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={self.nproc_per_node}"]
-        if self.nnodes == 1:
-            launcher.append("--standalone")
-        else:
-            launcher += [f"--nnodes={self.nnodes}", "--rdzv_backend=c10d",
-                         f"--rdzv_endpoint={self.rdzv_endpoint}", f"--rdzv_id={self.rdzv_id}"]
+    def _rdzv_port(self) -> int:
+        return int(self.rdzv_endpoint.rpartition(":")[2]) if self.rdzv_endpoint else 29500
+
+    def command(self, config_file: str, overrides: list[str], rdzv_endpoint: str | None = None) -> list[str]:
+        """The torchrun command one node runs (every local agent runs the same one)."""
+        flags = torchrun_flags(nnodes=self.nnodes, nproc_per_node=self.nproc_per_node,
+                               rdzv_endpoint=rdzv_endpoint or self.rdzv_endpoint, rdzv_id=self.rdzv_id,
+                               rdzv_timeout_s=self.rdzv_timeout_s)
+        return [self.python or sys.executable, "-m", "torch.distributed.run", *flags,
+                *self.program(config_file, overrides)]
+
+    @staticmethod
+    def program(config_file: str, overrides: list[str]) -> list[str]:
+        """What follows torchrun's flags: the trainer with its config and `--set` overrides."""
         sets = [arg for override in overrides for arg in ("--set", override)]
-        return [*launcher, "-m", "mumu_model.training", config_file, *sets]
+        return ["-m", "mumu_model.training", config_file, *sets]
+
+    def launch(self, config_file: str, overrides: list[str], *, env: dict[str, str], cwd: str | None,
+               work_dir: Path, job_name: str) -> Launched:
+        """Start the run on every node and wait for its end. `env` (the Pipes variables) reaches
+        every rank; scripts, manifests and logs are written under `work_dir`."""
+        if self.launcher not in LAUNCHERS:
+            raise dg.Failure(f"TrainingCluster.launcher: {self.launcher!r} is not one of {', '.join(LAUNCHERS)}")
+        work_dir.mkdir(parents=True, exist_ok=True)
+        cwd = str(Path(cwd or Path.cwd()).resolve())
+        program = self.program(config_file, overrides)
+        if self.launcher == "local":
+            endpoint = self.rdzv_endpoint or f"127.0.0.1:{free_port()}"
+            command = self.command(config_file, overrides, rdzv_endpoint=endpoint)
+            codes = run_local([command] * self.nnodes, env={**os.environ, **env}, cwd=cwd, log_dir=work_dir)
+            logs = [work_dir / f"node{i}.log" for i in range(self.nnodes)]
+            return Launched(command, max(codes, key=abs), logs, endpoint)
+        if self.launcher == "slurm":
+            job = SlurmJob(nnodes=self.nnodes, nproc_per_node=self.nproc_per_node,
+                           gpus_per_node=self.nproc_per_node if self.gpus_per_node < 0 else self.gpus_per_node,
+                           rdzv_port=self._rdzv_port(), rdzv_id=self.rdzv_id, rdzv_timeout_s=self.rdzv_timeout_s,
+                           job_name=job_name, time=self.slurm_time, partition=self.slurm_partition,
+                           account=self.slurm_account, extra_directives=list(self.slurm_directives))
+            script = work_dir / "train.sbatch"
+            script.write_text(slurm_script(job, python=self.python or sys.executable, program=program,
+                                           env=env, cwd=cwd, log_dir=work_dir))
+            if shutil.which("sbatch") is None:
+                raise dg.Failure(f"TrainingCluster.launcher='slurm': sbatch is not on PATH here; the script is {script}")
+            code = submit_slurm(script, env={**os.environ}, log_dir=work_dir)
+            return Launched(["sbatch", "--wait", str(script)], code, sorted(work_dir.glob("slurm-*.out")),
+                            f"<first node>:{self._rdzv_port()}")
+        if not self.k8s_image:
+            raise dg.Failure("TrainingCluster.k8s_image: the kubernetes launcher needs the trainer's container image")
+        job = KubernetesJob(name=job_name, nnodes=self.nnodes, nproc_per_node=self.nproc_per_node,
+                            rdzv_port=self._rdzv_port(), rdzv_id=self.rdzv_id, rdzv_timeout_s=self.rdzv_timeout_s,
+                            image=self.k8s_image, namespace=self.k8s_namespace,
+                            volume_claim=self.k8s_volume_claim, mount_path=self.k8s_mount_path)
+        manifest = work_dir / "train.k8s.yaml"
+        manifest.write_text(to_yaml(kubernetes_manifests(job, python=self.python or "python", program=program,
+                                                         env=env, cwd=cwd)))
+        if shutil.which("kubectl") is None:
+            raise dg.Failure(f"TrainingCluster.launcher='kubernetes': kubectl is not on PATH here; the manifests are {manifest}")
+        code = run_kubernetes(manifest, name=job.name, namespace=job.namespace)
+        return Launched(["kubectl", "apply", "-f", str(manifest)], code, [],
+                        f"{job.name}-0.{job.name}:{job.rdzv_port}")
 
 
 class StageConfig(dg.Config):
@@ -71,9 +179,43 @@ def _train(context, stage: int, config: StageConfig, shards: Path, cluster: Trai
         *extra,
         *config.overrides,
     ]
-    command = cluster.command(config.config_file, overrides)
-    context.log.info("launching: " + " ".join(command))
-    return pipes.run(command=command, context=context).get_materialize_result()
+    # Messages from the reporting rank come through a folder every node sees, not a temp file
+    # on this host: global rank 0 may run on any node.
+    pipes_dir = (Path(cluster.pipes_dir) if cluster.pipes_dir else output_dir.parent / "pipes") / context.run_id
+    pipes_dir = pipes_dir.resolve() / f"stage{stage}"
+    pipes_dir.mkdir(parents=True, exist_ok=True)
+    job_name = f"mumu-stage{stage}-{context.run_id[:8]}"
+    with dg.open_pipes_session(
+        context=context,
+        context_injector=dg.PipesFileContextInjector(str(pipes_dir / "context.json")),
+        message_reader=SharedFileMessageReader(str(pipes_dir / "messages.jsonl")),
+    ) as session:
+        env = {**getattr(pipes, "env", {}), **session.get_bootstrap_env_vars()}
+        context.log.info(f"launching ({cluster.launcher}, {cluster.nnodes} x {cluster.nproc_per_node}): "
+                         + " ".join(cluster.command(config.config_file, overrides)))
+        launched = cluster.launch(config.config_file, overrides, env=env, cwd=getattr(pipes, "cwd", None),
+                                  work_dir=pipes_dir / "logs", job_name=job_name)
+    # Only what the trainer reported: Dagster's implicit (empty) materialization would hide a silent run.
+    reported = session.get_results(implicit_materializations=False)
+    results = [r for r in reported if isinstance(r, dg.MaterializeResult)]
+    command = " ".join(launched.command)
+    logs = ", ".join(map(str, launched.logs)) or str(pipes_dir / "logs")
+    if launched.returncode != 0:
+        tail = log_tail(launched.logs)
+        if rendezvous_failed(tail):
+            raise dg.Failure(
+                f"stage {stage}: the torchrun rendezvous at rdzv_endpoint={launched.rdzv_endpoint} did not "
+                f"complete within rdzv_timeout_s={cluster.rdzv_timeout_s} (TrainingCluster.rdzv_endpoint: is "
+                f"every node started and can it reach that host and port?); logs: {logs}",
+                metadata={"command": command, "log_tail": dg.MetadataValue.md(f"```\n{tail}\n```")})
+        raise dg.Failure(f"stage {stage}: training exited with status {launched.returncode}: {command}; logs: {logs}",
+                         metadata={"command": command, "log_tail": dg.MetadataValue.md(f"```\n{tail}\n```")})
+    if not results:
+        raise dg.Failure(
+            f"stage {stage}: training ended without reporting a materialization through Dagster Pipes "
+            f"(messages: {pipes_dir / 'messages.jsonl'}): {command}; logs: {logs}",
+            metadata={"command": command})
+    return results[-1]
 
 
 # The VAE is an asset of the "pretrained" group: SDXL's in the paper profile, trained by the

@@ -21,9 +21,10 @@ def test_cluster_command_is_torchrun():
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=8", "--standalone",
         "-m", "mumu_model.training", "c.yaml", "--set", "max_steps=3",
     ]
-    two_nodes = TrainingCluster(nnodes=2, nproc_per_node=8, rdzv_endpoint="10.0.0.1:29500").command("c.yaml", [])
-    assert "--nnodes=2" in two_nodes and "--rdzv_endpoint=10.0.0.1:29500" in two_nodes
+    two_nodes = TrainingCluster(nnodes=2, nproc_per_node=8, rdzv_endpoint="head-node:29500").command("c.yaml", [])
+    assert "--nnodes=2" in two_nodes and "--rdzv_endpoint=head-node:29500" in two_nodes
     assert "--standalone" not in two_nodes
+    assert "--rdzv_conf=join_timeout=900,read_timeout=900" in two_nodes
 
 
 def test_stage_assets_train_and_report_through_pipes(tmp_path):
@@ -91,3 +92,50 @@ def test_missing_shards_fail_clearly(tmp_path):
     assert not result.success
     [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert "materialize multimodal_captions_stage1 first" in str(failure.event_specific_data.error.message)
+
+
+def _stage1(tmp_path, cluster: TrainingCluster, steps: int = 2):
+    """stage1_model alone on 4 records with the tiny config: (result, run config's output root)."""
+    data = tmp_path / "data"
+    write_shard(data / "captions" / "stage1" / "00000.tar", records(4))
+    overrides = [
+        f"max_steps={steps}", f"checkpoint_every={steps}", "validate_every=0", "batch_size=2", "log_every=1",
+        f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
+    run_config = {"ops": {"stage1_model": {"config": {
+        "config_file": str(REPO / "configs" / "train_tiny.yaml"), "overrides": overrides,
+        "output_root": str(tmp_path / "runs")}}}}
+    resources = {"storage": DatasetStorage(root=str(data)), "training_cluster": cluster,
+                 "pipes_subprocess_client": dg.PipesSubprocessClient()}
+    return dg.materialize([stage1_model], resources=resources, run_config=run_config, raise_on_error=False)
+
+
+def _failure(result) -> str:
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    return str(failure.event_specific_data.error.message)
+
+
+def test_two_local_nodes_report_through_the_shared_pipes_folder(tmp_path):
+    # Two torchrun agents (one rank each) meet at a c10d rendezvous on 127.0.0.1, a free port;
+    # rank 0's messages come back through a file in the configured shared folder.
+    shared = tmp_path / "shared_pipes"
+    result = _stage1(tmp_path, TrainingCluster(nnodes=2, nproc_per_node=1, pipes_dir=str(shared)))
+    assert result.success, _failure(result)
+    [event] = result.get_asset_materialization_events()
+    metadata = {k: v.value for k, v in event.materialization.metadata.items()}
+    assert metadata["steps"] == 2 and metadata["world_size"] == 2 and metadata["run_id"]
+    assert isinstance(metadata["final_loss"], float)
+    folder = shared / result.run_id / "stage1"
+    assert '"method": "report_asset_materialization"' in (folder / "messages.jsonl").read_text()
+    assert not (folder / "context.json").exists()  # the injected context is removed at the end
+    assert sorted(p.name for p in (folder / "logs").iterdir()) == ["node0.log", "node1.log"]
+
+
+def test_a_run_that_reports_nothing_fails(tmp_path):
+    # `true` stands in for an interpreter that exits 0 without a word to Dagster.
+    result = _stage1(tmp_path, TrainingCluster(nproc_per_node=1, python="true"))
+    assert not result.success and not result.get_asset_materialization_events()
+    message = _failure(result)
+    assert "without reporting a materialization" in message
+    assert "true -m torch.distributed.run --nproc_per_node=1 --standalone" in message
+    assert f"logs: {tmp_path / 'runs' / 'pipes' / result.run_id / 'stage1' / 'logs' / 'node0.log'}" in message
