@@ -43,17 +43,22 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def torchrun_flags(*, nnodes: int, nproc_per_node: int, rdzv_endpoint: str, rdzv_id: str,
-                   rdzv_timeout_s: int, node_rank: str | None = None) -> list[str]:
+                   rdzv_timeout_s: int, node_rank: str | None = None, rdzv_host: bool | None = None) -> list[str]:
     """torchrun's flags: `--standalone` on one node, else a c10d rendezvous at `rdzv_endpoint`
-    that gives up after `rdzv_timeout_s` when the other nodes (or the store) never answer."""
+    that gives up after `rdzv_timeout_s` when the other nodes (or the store) never answer.
+    `rdzv_host`: whether these agents may host the rendezvous store (None: torchrun decides from
+    the endpoint's address; False: only connect, the store runs elsewhere)."""
     flags = [f"--nproc_per_node={nproc_per_node}"]
     if nnodes == 1:
         return [*flags, "--standalone"]
     flags += [f"--nnodes={nnodes}"]
     if node_rank is not None:
         flags.append(f"--node_rank={node_rank}")
+    conf = f"join_timeout={rdzv_timeout_s},read_timeout={rdzv_timeout_s}"
+    if rdzv_host is not None:
+        conf += f",is_host={str(rdzv_host).lower()}"
     return [*flags, "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}", f"--rdzv_id={rdzv_id}",
-            f"--rdzv_conf=join_timeout={rdzv_timeout_s},read_timeout={rdzv_timeout_s}"]
+            f"--rdzv_conf={conf}"]
 
 
 def rendezvous_failed(log_text: str) -> bool:

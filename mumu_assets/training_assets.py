@@ -71,6 +71,9 @@ class TrainingCluster(dg.ConfigurableResource):
     rdzv_endpoint: str = ""
     rdzv_id: str = "mumu"
     rdzv_timeout_s: int = 900
+    # Whether the local agents may host the rendezvous store: None lets torchrun decide from the
+    # endpoint's address; False only connects (a store that runs elsewhere).
+    rdzv_host: bool | None = None
     pipes_dir: str = ""
     python: str = ""  # the interpreter on the nodes; empty: this one (local, slurm) or "python" (kubernetes)
     # slurm
@@ -92,7 +95,7 @@ class TrainingCluster(dg.ConfigurableResource):
         """The torchrun command one node runs (every local agent runs the same one)."""
         flags = torchrun_flags(nnodes=self.nnodes, nproc_per_node=self.nproc_per_node,
                                rdzv_endpoint=rdzv_endpoint or self.rdzv_endpoint, rdzv_id=self.rdzv_id,
-                               rdzv_timeout_s=self.rdzv_timeout_s)
+                               rdzv_timeout_s=self.rdzv_timeout_s, rdzv_host=self.rdzv_host)
         return [self.python or sys.executable, "-m", "torch.distributed.run", *flags,
                 *self.program(config_file, overrides)]
 

@@ -1,6 +1,7 @@
 """stage1_model / stage2_model: the trainer launched by Dagster (torchrun through Pipes)."""
 
 import sys
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -139,3 +140,20 @@ def test_a_run_that_reports_nothing_fails(tmp_path):
     assert "without reporting a materialization" in message
     assert "true -m torch.distributed.run --nproc_per_node=1 --standalone" in message
     assert f"logs: {tmp_path / 'runs' / 'pipes' / result.run_id / 'stage1' / 'logs' / 'node0.log'}" in message
+
+
+def test_a_rendezvous_nobody_answers_fails_in_bounded_time_naming_the_endpoint(tmp_path):
+    # A free port on this machine, and agents told not to host the store themselves: nobody
+    # answers at the endpoint, as when the head node is down.
+    from mumu_assets.launchers import free_port
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    cluster = TrainingCluster(nnodes=2, nproc_per_node=1, rdzv_endpoint=endpoint, rdzv_timeout_s=3, rdzv_host=False)
+    started = time.monotonic()
+    result = _stage1(tmp_path, cluster)
+    elapsed = time.monotonic() - started
+    assert not result.success
+    message = _failure(result)
+    assert f"rdzv_endpoint={endpoint}" in message and "rdzv_timeout_s=3" in message, message
+    assert "TrainingCluster.rdzv_endpoint" in message
+    assert elapsed < 120, elapsed  # bounded by the timeout (plus start-up), not torchrun's 15 minutes
