@@ -187,19 +187,25 @@ def run_local(commands: Sequence[Sequence[str]], *, env: dict[str, str], cwd: st
     return [p.returncode for p in processes]
 
 
+@dataclass
+class NodesJob:
+    """How many nodes and processes, and where they meet: what every cluster launch needs."""
+
+    nnodes: int
+    nproc_per_node: int
+    rdzv_port: int
+    rdzv_id: str
+    rdzv_timeout_s: int
+
+
 # -- Slurm ------------------------------------------------------------------------------------------
 
 
 @dataclass
-class SlurmJob:
+class SlurmJob(NodesJob):
     """What the sbatch script needs besides the trainer's command."""
 
-    nnodes: int
-    nproc_per_node: int
     gpus_per_node: int
-    rdzv_port: int
-    rdzv_id: str
-    rdzv_timeout_s: int
     job_name: str = "mumu-train"
     time: str = "24:00:00"
     partition: str = ""
@@ -269,17 +275,12 @@ def submit_slurm(script: Path, *, env: dict[str, str], log_dir: Path,
 
 
 @dataclass
-class KubernetesJob:
+class KubernetesJob(NodesJob):
     """Where the pods run and what they mount: the image holds this repository and its
     environment; `volume_claim` is the shared storage, mounted at `mount_path` (the same path as
     on the Dagster host, so output and Pipes paths mean the same in every pod)."""
 
     name: str
-    nnodes: int
-    nproc_per_node: int
-    rdzv_port: int
-    rdzv_id: str
-    rdzv_timeout_s: int
     image: str
     namespace: str = "default"
     volume_claim: str = ""

@@ -82,7 +82,7 @@ def load_into(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None
     missing = sorted(set(tensors) - set(saved))
     if missing:
         raise ValueError(f"checkpoint {path}: {len(missing)} tensor(s) missing, e.g. {missing[:3]}")
-    dcp.load(tensors, storage_reader=_reader(path), no_dist=not parallel.is_distributed())
+    dcp.load(tensors, storage_reader=reader, no_dist=not parallel.is_distributed())
 
 
 def load_full(path: str | os.PathLike, prefix: str) -> dict[str, torch.Tensor]:
@@ -90,7 +90,8 @@ def load_full(path: str | os.PathLike, prefix: str) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
 
     path = Path(path)
-    saved = _reader(path).read_metadata().state_dict_metadata
+    reader = _reader(path)
+    saved = reader.read_metadata().state_dict_metadata
     tensors = {
         name: torch.empty(meta.size, dtype=meta.properties.dtype)
         for name, meta in saved.items()
@@ -98,12 +99,8 @@ def load_full(path: str | os.PathLike, prefix: str) -> dict[str, torch.Tensor]:
     }
     if not tensors:
         raise ValueError(f"checkpoint {path}: no tensors named {prefix}*")
-    dcp.load(tensors, storage_reader=_reader(path), no_dist=True)
+    dcp.load(tensors, storage_reader=reader, no_dist=True)
     return {name[len(prefix):]: tensor for name, tensor in tensors.items()}
-
-
-def has_tensors(path: str | os.PathLike, prefix: str) -> bool:
-    return any(name.startswith(prefix) for name in _reader(Path(path)).read_metadata().state_dict_metadata)
 
 
 def load_weights(path: str | os.PathLike, ema: bool | None = None) -> tuple[dict[str, torch.Tensor], dict]:
