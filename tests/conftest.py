@@ -38,3 +38,38 @@ def red_square():
 
 def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+# CI installs the system packages some tests need (PostgreSQL, Chromium) and sets this, so a
+# test that would skip for want of one fails instead.
+REQUIRE_SYSTEM_PACKAGES = bool(__import__("os").environ.get("MUMU_REQUIRE_SYSTEM_PACKAGES"))
+
+
+def skip_without(what: str, reason: str) -> None:
+    """Skip (on a laptop without `what`) or fail (in CI, where it must be installed)."""
+    if REQUIRE_SYSTEM_PACKAGES:
+        pytest.fail(f"{what} is required (MUMU_REQUIRE_SYSTEM_PACKAGES is set): {reason}")
+    pytest.skip(f"needs {what}: {reason}")
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server on 127.0.0.1, started by the project's script for this session."""
+    import shutil
+    import socket
+    import tempfile
+
+    from mumu_assets import postgres
+
+    if not postgres.available():
+        skip_without("PostgreSQL", postgres.PACKAGE_HINT)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # Not under pytest's tmp folder: as root the server runs as `postgres`, which cannot enter it.
+    folder = tempfile.mkdtemp(prefix="mumu-postgres-")
+    server = postgres.LocalPostgres(folder, port=port)
+    url = server.start()
+    yield url
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)

@@ -205,3 +205,34 @@ def test_synthesis_loads_on_the_workers_gpu_in_its_dtype(monkeypatch):
     assert (built.device, built.dtype) == ("cuda:1", torch.bfloat16)
     with pytest.raises(ValueError, match=re.escape("SynthesisBackend.dtype 'int8': unknown")):
         SynthesisBackend(model="sdxl", dtype="int8").build_synthesizer(64, 64, 1, 5.0, 1)
+
+
+def test_workers_sharing_a_pool_lease_different_devices_until_they_exit(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys, time
+        from mumu_model.devices import lease_device
+        print(lease_device(["dev-a", "dev-b"], {str(tmp_path)!r}, wait_s=float(sys.argv[1])), flush=True)
+        time.sleep(float(sys.argv[2]))
+    """)
+
+    def start(wait_s, hold_s):
+        return subprocess.Popen([sys.executable, "-c", script, str(wait_s), str(hold_s)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first, second = start(5, 60), start(5, 60)
+    got = {first.stdout.readline().strip(), second.stdout.readline().strip()}
+    assert got == {"dev-a", "dev-b"}
+    third = start(0.5, 0)  # every device is held: it gives up, naming the pool
+    _, err = third.communicate(timeout=30)
+    assert third.returncode != 0 and "every device is held" in err
+    first.kill()  # a SIGKILLed holder frees its device
+    first.wait()
+    fourth = start(10, 0)
+    out, _ = fourth.communicate(timeout=30)
+    second.kill()
+    second.wait()
+    assert out.strip() in {"dev-a", "dev-b"}
