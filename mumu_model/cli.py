@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -129,6 +130,11 @@ def device_and_dtype(args: argparse.Namespace) -> tuple[str, torch.dtype]:
         raise UsageError(f"--{err}") from None
 
 
+def _may_be_hub_id(value: str) -> bool:
+    """"org/name" is a hub id or a relative folder; a path that is not there is only the former."""
+    return value.count("/") == 1 and not value.startswith((".", "/", "~"))
+
+
 def _pipeline_source(model: str) -> str:
     """A local pipeline folder, checked complete without loading it, or a hub id."""
     path = Path(model)
@@ -140,7 +146,7 @@ def _pipeline_source(model: str) -> str:
         except PipelineFolderError as err:
             raise UsageError(f"--model: {err}") from None
         return str(path)
-    if model.count("/") == 1 and not model.startswith((".", "/")):
+    if _may_be_hub_id(model):
         return model  # a hub id, for users who have network access
     raise UsageError(f"--model {model}: no such folder")
 
@@ -157,8 +163,13 @@ def _load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype | None = 
     source = _pipeline_source(model)
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     try:
-        pipe = MUMUPipeline.from_pretrained(source, **kwargs)
+        with warnings.catch_warnings():
+            # diffusers' rename of torch_dtype (a FutureWarning) would add lines to a one-line error.
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+            pipe = MUMUPipeline.from_pretrained(source, **kwargs)
     except (OSError, ValueError, KeyError) as err:
+        if not Path(model).exists():  # "outputs/typo" is taken for a hub id, and is more likely a typo
+            raise UsageError(f"--model {model}: no such folder (as a hub id: {_first_line(err)})") from err
         raise UsageError(f"--model {model}: cannot load the pipeline: {_first_line(err)}") from err
     return pipe.to(device)
 
@@ -229,10 +240,21 @@ def cmd_init(args: argparse.Namespace) -> None:
     from .config import load_model_config
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UsageError(f"--out {out}: folder exists and is not empty (pass --overwrite to replace it)")
+    if args.config is not None and not Path(args.config).is_file():
+        raise UsageError(f"--config {args.config}: no such file")
     config = load_model_config(args.profile, args.set, args.config)
-    pipe = build_pipeline(config)
+    for field in ("encoder", "sdxl", "vae"):  # checkpoints: a local folder or a hub id
+        value = getattr(config, field)
+        if value is not None and not Path(value).exists() and not _may_be_hub_id(value):
+            raise UsageError(f"config field {field}={value}: no such folder")
+    try:
+        pipe = build_pipeline(config)
+    except OSError as err:  # a hub id that cannot be fetched, a folder without the expected files
+        raise UsageError(f"--profile {args.profile}: cannot load its checkpoints: {_first_line(err)}") from err
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp)
     print(

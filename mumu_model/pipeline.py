@@ -6,6 +6,10 @@ step, so a MUMU image costs about what an SDXL image costs. The unconditional br
 guidance (the empty prompt, or the negative prompt) is encoded on its own, so it costs its
 own length rather than the prompts' (4 images x 324 tokens at paper size); the empty prompt's
 encoding is also cached between calls (`MUMUPipeline.clear_prompt_cache` says when).
+
+The call takes diffusers' SDXL options under their names: precomputed `prompt_embeds` (from
+`encode_prompt`, reused across seeds), `latents`, `callback_on_step_end`, `guidance_rescale` and
+`cross_attention_kwargs` (docs/pipeline_api.md).
 """
 
 from __future__ import annotations
@@ -15,14 +19,16 @@ import os
 import weakref
 from dataclasses import dataclass
 from itertools import chain
-from typing import Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -76,6 +82,61 @@ def concat_conditioning(*parts: Conditioning) -> Conditioning:
     pooled = torch.cat([p for _, p, _ in parts])
     mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for _, _, m in parts])
     return embeds, pooled, mask
+
+
+def _shared(conditioning: Conditioning, batch: int) -> Conditioning:
+    """One unconditional encoding for a whole batch, expanded (not copied) to `batch` rows."""
+    embeds, pooled, mask = conditioning
+    if embeds.shape[0] == 1 and batch > 1:
+        return embeds.expand(batch, -1, -1), pooled.expand(batch, -1), mask.expand(batch, -1)
+    return conditioning
+
+
+def _given(
+    embeds: torch.Tensor | None, pooled: torch.Tensor | None, mask: torch.Tensor | None, device: torch.device
+) -> Conditioning | None:
+    """Precomputed conditioning as the call uses it (None where not given); no mask: every token."""
+    if embeds is None:
+        return None
+    if mask is None:
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
+    return embeds.to(device), pooled.to(device), mask.to(device=device, dtype=torch.long)
+
+
+def _check_embeds(
+    prefix: str, embeds: torch.Tensor | None, pooled: torch.Tensor | None, mask: torch.Tensor | None
+) -> None:
+    """`{prefix}prompt_embeds` [B, L, D] with its pooled embeds [B, P] and, if given, its mask [B, L]."""
+    name = f"{prefix}prompt_embeds"
+    if embeds is None:
+        for other, value in ((f"{prefix}pooled_prompt_embeds", pooled), (f"{prefix}prompt_attention_mask", mask)):
+            if value is not None:
+                raise ValueError(f"{other} given without {name}")
+        return
+    if embeds.ndim != 3:
+        raise ValueError(f"{name} must be [batch, tokens, dim], got shape {tuple(embeds.shape)}")
+    if pooled is None:
+        raise ValueError(f"{prefix}pooled_prompt_embeds is required with {name} (encode_prompt returns both)")
+    if pooled.ndim != 2 or pooled.shape[0] != embeds.shape[0]:
+        raise ValueError(
+            f"{prefix}pooled_prompt_embeds must be [{embeds.shape[0]}, dim] for {name} of shape "
+            f"{tuple(embeds.shape)}, got {tuple(pooled.shape)}"
+        )
+    if mask is not None and tuple(mask.shape) != tuple(embeds.shape[:2]):
+        raise ValueError(
+            f"{prefix}prompt_attention_mask must be {list(embeds.shape[:2])} for {name} of shape "
+            f"{tuple(embeds.shape)}, got {tuple(mask.shape)}"
+        )
+
+
+def _rows(tensor: torch.Tensor, rows: int, name: str) -> torch.Tensor:
+    """`tensor` for a UNet call on `rows` latents. Twice as many rows hold both guidance branches
+    after guidance was turned off mid-loop: the conditional half (the second) is kept."""
+    if tensor.shape[0] == rows:
+        return tensor
+    if tensor.shape[0] == 2 * rows:
+        return tensor[rows:]
+    raise ValueError(f"{name} has {tensor.shape[0]} rows for a UNet call on {rows} latents")
 
 
 @dataclass
@@ -172,15 +233,24 @@ class MUMUPipeline(DiffusionPipeline):
             return [MultimodalPrompt.coerce(p, image_root, max_images=max_images) for p in prompt]
         raise PromptError(f"cannot use a {type(prompt).__name__} as a prompt")
 
-    def encode_prompt(self, prompts: list[MultimodalPrompt]) -> Conditioning:
-        """One encoder + adapter pass over a batch of prompts, right-padded to the longest.
+    def encode_prompt(
+        self, prompt: PromptInput | list[PromptInput], image_root: str | os.PathLike | None = None
+    ) -> Conditioning:
+        """Encode prompts once (encoder + adapter), to pass to calls as `prompt_embeds` and co.
 
-        Returns (prompt_embeds [B, L, D], pooled_embeds [B, P], attention_mask [B, L]); the
-        mask is 0 on padding, which the adapter and the UNet ignore. The same steps as
-        training's `encode_inputs`, so the unconditional branch used by guidance (the empty
-        prompt) is encoded exactly as when training drops the conditioning. Never cached.
+        `prompt` takes every form the call takes (`to_prompts`). Returns the tuple
+        (prompt_embeds [B, L, D], pooled_prompt_embeds [B, P], prompt_attention_mask [B, L]):
+        B prompts right-padded to the longest, L its tokens (text plus `tokens_per_image` per
+        image), D the UNet's `cross_attention_dim`, P the pooled width SDXL's `text_embeds` take;
+        the mask is 1 on tokens and 0 on padding, which the UNet then ignores. The tensors are in
+        the adapter's dtype on the execution device. The same steps as training's `encode_inputs`,
+        so the unconditional branch (`encode_prompt("")`) is encoded exactly as when training
+        drops the conditioning. Never cached; the call's own empty-prompt cache is separate.
+
+            embeds, pooled, mask = pipe.encode_prompt("a <img:dog.png> dog", image_root="images")
+            image = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, prompt_attention_mask=mask).images[0]
         """
-        return self._encode_batches([prompts])[0]
+        return self._encode_batches([self.to_prompts(prompt, image_root)])[0]
 
     def _encode_batches(self, batches: list[list[MultimodalPrompt]]) -> list[Conditioning]:
         """`encode_prompt` on each batch apart (each padded to its own longest prompt).
@@ -239,29 +309,32 @@ class MUMUPipeline(DiffusionPipeline):
         self._empty_prompt_cache = _CachedEncoding(key, conditioning, hooks)
 
     def _guidance_conditioning(
-        self, prompts: list[MultimodalPrompt], negatives: list[MultimodalPrompt] | None
+        self,
+        prompts: list[MultimodalPrompt] | None,
+        negatives: list[MultimodalPrompt] | None,
+        cond: Conditioning | None = None,
     ) -> Conditioning:
         """Unconditional then conditional conditioning (diffusers' order), padded to one length.
 
-        The unconditional branch is `negatives` (one prompt, or one per prompt) or, when None or
-        all empty, the empty prompt, taken from the cache when it is valid. It is encoded apart
-        from the prompts, so it costs its own length, and padded (masked) to theirs or vice versa.
+        The conditional branch is `cond` when given (precomputed `prompt_embeds`), else the
+        encoding of `prompts`. The unconditional branch is `negatives` (one prompt, or one per
+        prompt) or, when None or all empty, the empty prompt, taken from the cache when it is
+        valid. It is encoded apart from the prompts, so it costs its own length, and padded
+        (masked) to theirs or vice versa.
         """
-        batch = len(prompts)
+        to_encode = [] if cond is not None else [prompts]
         if negatives is None or all(negative.is_empty for negative in negatives):
             key = self._empty_prompt_key()
             cached = self._empty_prompt_cache
             if cached is not None and key is not None and cached.key == key:
-                (cond,), uncond = self._encode_batches([prompts]), cached.conditioning
+                encoded, uncond = self._encode_batches(to_encode), cached.conditioning
             else:
-                cond, uncond = self._encode_batches([prompts, [MultimodalPrompt()]])
+                *encoded, uncond = self._encode_batches(to_encode + [[MultimodalPrompt()]])
                 self._store_empty_prompt(key, uncond)
         else:
-            cond, uncond = self._encode_batches([prompts, negatives])
-        if uncond[0].shape[0] == 1 and batch > 1:  # one unconditional encoding, shared
-            embeds, pooled, mask = uncond
-            uncond = (embeds.expand(batch, -1, -1), pooled.expand(batch, -1), mask.expand(batch, -1))
-        return concat_conditioning(uncond, cond)
+            *encoded, uncond = self._encode_batches(to_encode + [negatives])
+        cond = cond if cond is not None else encoded[0]
+        return concat_conditioning(_shared(uncond, cond[0].shape[0]), cond)
 
     def _add_time_ids(self, height: int, width: int, batch: int, dtype, device) -> torch.Tensor:
         # SDXL's micro-conditioning: original size, crop top-left, target size. MUMU keeps it.
@@ -278,10 +351,92 @@ class MUMUPipeline(DiffusionPipeline):
             kwargs["generator"] = generator
         return kwargs
 
+    # -- the call ------------------------------------------------------------------------------------
+
+    # What `callback_on_step_end` may ask for and replace: diffusers SDXL's names (prompt_embeds,
+    # add_text_embeds and add_time_ids hold both guidance branches, unconditional first) plus the
+    # attention mask of prompt_embeds.
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "prompt_attention_mask", "add_text_embeds", "add_time_ids"]
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def guidance_rescale(self) -> float:
+        return self._guidance_rescale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        # Read at every step: a callback may turn guidance off mid-loop (SDXLCFGCutoffCallback).
+        return self._guidance_scale > 1.0
+
+    @property
+    def cross_attention_kwargs(self) -> dict[str, Any] | None:
+        return self._cross_attention_kwargs
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    def check_inputs(
+        self,
+        prompt,
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        guidance_rescale: float,
+        negative_prompt,
+        num_images_per_prompt: int,
+        output_type: str,
+        prompt_embeds: torch.Tensor | None,
+        pooled_prompt_embeds: torch.Tensor | None,
+        prompt_attention_mask: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        negative_pooled_prompt_embeds: torch.Tensor | None,
+        negative_prompt_attention_mask: torch.Tensor | None,
+        callback_on_step_end_tensor_inputs: Sequence[str] | None,
+    ) -> None:
+        """Refuse arguments no call accepts, with a ValueError naming the argument (diffusers' rules:
+        `prompt` or `prompt_embeds`, not both; embeds come with their pooled embeds)."""
+        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if height % multiple or width % multiple:
+            raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if not guidance_scale >= 0:  # also refuses NaN
+            raise ValueError(f"guidance_scale must be >= 0 (<= 1 turns guidance off), got {guidance_scale}")
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be pil, np, pt or latent, got {output_type!r}")
+        unknown = [k for k in callback_on_step_end_tensor_inputs or () if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs must be in {self._callback_tensor_inputs}, got {unknown}"
+            )
+
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("pass either prompt or prompt_embeds, not both")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("pass prompt or prompt_embeds")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass either negative_prompt or negative_prompt_embeds, not both")
+        _check_embeds("", prompt_embeds, pooled_prompt_embeds, prompt_attention_mask)
+        _check_embeds("negative_", negative_prompt_embeds, negative_pooled_prompt_embeds,
+                      negative_prompt_attention_mask)
+
     @torch.no_grad()
     def __call__(
         self,
-        prompt: PromptInput | list[PromptInput],
+        prompt: PromptInput | list[PromptInput] | None = None,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
@@ -293,81 +448,161 @@ class MUMUPipeline(DiffusionPipeline):
         image_root: str | os.PathLike | None = None,
         eta: float = 0.0,
         return_dict: bool = True,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        guidance_rescale: float = 0.0,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> MUMUPipelineOutput | tuple:
         r"""
         Args:
             prompt: a `MultimodalPrompt`, its text form (`"a <img:dog.png> dog"`), a list of
-                parts (`["a ", dog_image, " dog"]`), or a list of those (a batch).
+                parts (`["a ", dog_image, " dog"]`), or a list of those (a batch). Not with
+                `prompt_embeds`.
             height, width: output size in pixels (default: the UNet's native size).
             num_inference_steps: denoising steps (paper: 50 DDIM steps).
-            guidance_scale: classifier-free guidance (paper: 6). <= 1 disables guidance.
+            guidance_scale: classifier-free guidance (paper: 6); must be >= 0, <= 1 disables guidance.
             negative_prompt: replaces the empty prompt as the unconditional branch (paper: none):
                 one prompt for the whole batch, or one per prompt. Encoded apart from the
                 prompts, at its own length.
-            num_images_per_prompt: images generated for each prompt.
+            num_images_per_prompt: images generated for each prompt (or each row of `prompt_embeds`).
             generator: torch generator(s) for reproducible sampling.
             output_type: "pil", "np", "pt" or "latent".
             image_root: folder that image references of text-form prompts are resolved in and
                 confined to.
             eta: DDIM's eta (0 is deterministic DDIM).
+            latents: initial noise [B * num_images_per_prompt, C, height / s, width / s] (C the
+                UNet's in_channels, s `vae_scale_factor`), used instead of drawing it from
+                `generator`; scaled by the scheduler's `init_noise_sigma`, as in diffusers.
+            prompt_embeds, pooled_prompt_embeds, prompt_attention_mask: the conditional branch,
+                precomputed by `encode_prompt`, so the prompts and their images are not encoded
+                again. `pooled_prompt_embeds` is required with `prompt_embeds`; the mask defaults
+                to all ones (pass it for padded batches).
+            negative_prompt_embeds, negative_pooled_prompt_embeds, negative_prompt_attention_mask:
+                the unconditional branch, likewise (one row for the batch, or one per prompt).
+                Default: `negative_prompt` encoded, else the (cached) empty prompt.
+            guidance_rescale: diffusers' `rescale_noise_cfg` factor (Lin et al. 2023, section
+                3.4), applied to guided predictions; 0 leaves them unchanged.
+            cross_attention_kwargs: passed to the UNet's attention processors, as in diffusers;
+                `{"scale": s}` scales the UNet's peft LoRA layers for this call.
+            callback_on_step_end: `fn(pipe, step_index, timestep, tensors) -> dict`, called after
+                each scheduler step with the tensors named in `callback_on_step_end_tensor_inputs`
+                (a subset of `_callback_tensor_inputs`); the tensors in the returned dict replace
+                the loop's. A diffusers `PipelineCallback` brings its own tensor inputs. Setting
+                `pipe._guidance_scale` turns guidance off for the remaining steps, as in diffusers;
+                conditioning that still holds both branches is then cut to its conditional half.
         """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         height = height or self.default_sample_size
         width = width or self.default_sample_size
-        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
-        if height % multiple or width % multiple:
-            raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be pil, np, pt or latent, got {output_type!r}")
+        self.check_inputs(
+            prompt, height, width, num_inference_steps, guidance_scale, guidance_rescale, negative_prompt,
+            num_images_per_prompt, output_type, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask,
+            negative_prompt_embeds, negative_pooled_prompt_embeds, negative_prompt_attention_mask,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
 
-        prompts = self.to_prompts(prompt, image_root)
-        batch = len(prompts)
-        guided = guidance_scale > 1.0
+        guided = self.do_classifier_free_guidance
         device = self._execution_device
+        dtype = self.unet.dtype
+        cond = _given(prompt_embeds, pooled_prompt_embeds, prompt_attention_mask, device)
+        prompts = self.to_prompts(prompt, image_root) if cond is None else None
+        batch = len(prompts) if cond is None else cond[0].shape[0]
 
         if guided:
+            uncond = _given(negative_prompt_embeds, negative_pooled_prompt_embeds, negative_prompt_attention_mask,
+                            device)
             negatives = None
             if negative_prompt is not None:
                 negatives = self.to_prompts(negative_prompt, image_root)
                 if len(negatives) not in (1, batch):
                     raise ValueError(f"{len(negatives)} negative prompts for {batch} prompts")
-            embeds, pooled, mask = self._guidance_conditioning(prompts, negatives)
+            if uncond is not None:
+                if uncond[0].shape[0] not in (1, batch):
+                    raise ValueError(f"negative_prompt_embeds has {uncond[0].shape[0]} rows for {batch} prompts")
+                cond = cond if cond is not None else self._encode_batches([prompts])[0]
+                embeds, pooled, mask = concat_conditioning(_shared(uncond, batch), cond)
+            elif cond is not None:
+                embeds, pooled, mask = self._guidance_conditioning(None, negatives, cond)
+            else:
+                embeds, pooled, mask = self._guidance_conditioning(prompts, negatives)
         else:
-            embeds, pooled, mask = self.encode_prompt(prompts)
+            embeds, pooled, mask = cond if cond is not None else self._encode_batches([prompts])[0]
 
-        dtype = self.unet.dtype
-        embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0).to(dtype)
-        pooled = pooled.repeat_interleave(num_images_per_prompt, dim=0).to(dtype)
-        mask = mask.repeat_interleave(num_images_per_prompt, dim=0)
-        time_ids = self._add_time_ids(height, width, embeds.shape[0], dtype, device)
-        added_cond = {"text_embeds": pooled, "time_ids": time_ids}
+        # diffusers SDXL's names from here on, which the step-end callback sees.
+        prompt_embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0).to(dtype)
+        add_text_embeds = pooled.repeat_interleave(num_images_per_prompt, dim=0).to(dtype)
+        prompt_attention_mask = mask.repeat_interleave(num_images_per_prompt, dim=0)
+        add_time_ids = self._add_time_ids(height, width, prompt_embeds.shape[0], dtype, device)
 
         total = batch * num_images_per_prompt
         shape = (total, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        else:
+            latents = latents.to(device=device, dtype=dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents * self.scheduler.init_noise_sigma
         step_kwargs = self._extra_step_kwargs(generator, eta)
 
         timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
         with self.progress_bar(total=len(timesteps)) as progress:
-            for t in timesteps:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                guided = self.do_classifier_free_guidance
                 model_input = torch.cat([latents] * 2) if guided else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
+                rows = model_input.shape[0]
                 noise = self.unet(
                     model_input,
                     t,
-                    encoder_hidden_states=embeds,
-                    encoder_attention_mask=mask,
-                    added_cond_kwargs=added_cond,
+                    encoder_hidden_states=_rows(prompt_embeds, rows, "prompt_embeds"),
+                    encoder_attention_mask=_rows(prompt_attention_mask, rows, "prompt_attention_mask"),
+                    added_cond_kwargs={
+                        "text_embeds": _rows(add_text_embeds, rows, "add_text_embeds"),
+                        "time_ids": _rows(add_time_ids, rows, "add_time_ids"),
+                    },
+                    cross_attention_kwargs=self.cross_attention_kwargs,
                 ).sample
                 if guided:
                     uncond, cond = noise.chunk(2)
-                    noise = uncond + guidance_scale * (cond - uncond)
+                    noise = uncond + self.guidance_scale * (cond - uncond)
+                    if self.guidance_rescale > 0.0:
+                        noise = rescale_noise_cfg(noise, cond, guidance_rescale=self.guidance_rescale)
                 latents = self.scheduler.step(noise, t, latents, **step_kwargs).prev_sample
+
+                if callback_on_step_end is not None:
+                    current = {
+                        "latents": latents,
+                        "prompt_embeds": prompt_embeds,
+                        "prompt_attention_mask": prompt_attention_mask,
+                        "add_text_embeds": add_text_embeds,
+                        "add_time_ids": add_time_ids,
+                    }
+                    requested = {k: current[k] for k in callback_on_step_end_tensor_inputs}
+                    outputs = callback_on_step_end(self, i, t, requested)
+                    if not isinstance(outputs, dict):
+                        raise TypeError(f"callback_on_step_end must return a dict, got {type(outputs).__name__}")
+                    latents = outputs.pop("latents", latents)
+                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                    prompt_attention_mask = outputs.pop("prompt_attention_mask", prompt_attention_mask)
+                    add_text_embeds = outputs.pop("add_text_embeds", add_text_embeds)
+                    add_time_ids = outputs.pop("add_time_ids", add_time_ids)
                 progress.update()
 
         if output_type == "latent":

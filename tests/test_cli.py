@@ -1,3 +1,4 @@
+import os
 import re
 import subprocess
 import sys
@@ -345,3 +346,77 @@ def test_lora_merge_mistakes_are_one_line_errors(merge_inputs, tmp_path, capsys,
     assert main(argv) == 2
     assert message.format(tmp=tmp_path) in _one_line_error(capsys)
     assert not (tmp_path / "merged").exists()
+
+
+# -- more one-line mistakes: generate, a model path that is not there, init ------------------
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--steps", "-3"], "--steps -3: must be at least 1"),
+        (["--guidance", "-0.5"], "--guidance -0.5: must be a number >= 0"),
+        (["--negative-prompt", "<img:nope.png>"], "image 'nope.png': no such file"),
+        (["--prompt", "a <img:sub/nope.png> dog"], "image 'sub/nope.png': no such file"),
+        (["--prompt", "a <img:not_an_image.png> dog"], "not a recognised image file"),
+        (["--model", "{tmp}/a_file"], "--model: pipeline {tmp}/a_file: no such folder"),
+    ],
+)
+def test_generate_mistakes_are_one_line_errors(tiny_pipeline_dir, tmp_path, capsys, no_model_loading, flags, message):
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "not_an_image.png").write_text("not an image")
+    values = {"--model": str(tiny_pipeline_dir), "--prompt": "a dog", "--image-root": str(tmp_path),
+              "--out": str(tmp_path / "o.png")}
+    values.update({flag: value.format(tmp=tmp_path) for flag, value in zip(flags[::2], flags[1::2])})
+    assert main(["generate", "--quiet"] + [item for pair in values.items() for item in pair]) == 2
+    assert message.format(tmp=tmp_path) in _one_line_error(capsys)
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_a_relative_model_path_that_is_not_there_is_no_such_folder(tmp_path, capsys, monkeypatch):
+    """"outputs/typo" may be a hub id, so loading is tried; its failure still names the folder."""
+    from mumu_model.pipeline import MUMUPipeline
+
+    def not_on_the_hub(*args, **kwargs):
+        raise OSError("Cannot load model outputs/typo: the model is not fully cached locally\nmore detail")
+
+    monkeypatch.setattr(MUMUPipeline, "from_pretrained", not_on_the_hub)
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--model", "outputs/typo", "--prompt", "a dog", "--out", "o.png", "--quiet"]) == 2
+    assert "--model outputs/typo: no such folder (as a hub id: Cannot load model" in _one_line_error(capsys)
+
+
+def test_quiet_stderr_holds_only_the_error_line(tmp_path):
+    """The whole process with --quiet: no traceback, no library warning or log line before the
+    error (hub access off, so the hub id fails at once)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "mumu_model.cli", "generate", "--model", "outputs/typo", "--prompt", "a dog",
+         "--out", "o.png", "--steps", "1", "--dtype", "float32", "--quiet"],
+        capture_output=True, text=True, cwd=tmp_path, env=env,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("mumu: error: --model outputs/typo: no such folder"), result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--out", "{tmp}/a_file"], "--out {tmp}/a_file: exists and is not a folder"),
+        (["--config", "{tmp}/none.yaml"], "--config {tmp}/none.yaml: no such file"),
+        (["--profile", "nope"], "unknown profile 'nope'"),
+        (["--profile", "paper", "--set", "encoder={tmp}/nope", "--set", "sdxl={tmp}/nope"],
+         "config field encoder={tmp}/nope: no such folder"),
+        (["--profile", "paper", "--set", "encoder={tmp}/empty", "--set", "sdxl={tmp}/empty"],
+         "--profile paper: cannot load its checkpoints:"),
+    ],
+)
+def test_init_mistakes_are_one_line_errors(tmp_path, capsys, flags, message):
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "empty").mkdir()
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
+    out = [] if "--out" in flags else ["--out", str(tmp_path / "pipeline")]
+    assert main(["init", *out, *flags]) == 2
+    assert message.format(tmp=tmp_path) in _one_line_error(capsys)
+    assert not (tmp_path / "pipeline").exists()
