@@ -62,7 +62,8 @@ class TrainingCluster(dg.ConfigurableResource):
 
     Dagster Pipes reads the reporting rank's messages from `pipes_dir` (empty: `pipes/` beside
     the stage's output), which every node must see at the same path. A rendezvous that nobody
-    answers fails after `rdzv_timeout_s`.
+    answers fails after `rdzv_timeout_s`. `hsdp` shards the model within each node and
+    replicates it across nodes (the trainer's `hsdp_replicas` = `nnodes`).
     """
 
     launcher: str = "local"
@@ -74,6 +75,7 @@ class TrainingCluster(dg.ConfigurableResource):
     # Whether the local agents may host the rendezvous store: None lets torchrun decide from the
     # endpoint's address; False only connects (a store that runs elsewhere).
     rdzv_host: bool | None = None
+    hsdp: bool = False
     pipes_dir: str = ""
     python: str = ""  # the interpreter on the nodes; empty: this one (local, slurm) or "python" (kubernetes)
     # slurm
@@ -99,9 +101,10 @@ class TrainingCluster(dg.ConfigurableResource):
         return [self.python or sys.executable, "-m", "torch.distributed.run", *flags,
                 *self.program(config_file, overrides)]
 
-    @staticmethod
-    def program(config_file: str, overrides: list[str]) -> list[str]:
+    def program(self, config_file: str, overrides: list[str]) -> list[str]:
         """What follows torchrun's flags: the trainer with its config and `--set` overrides."""
+        if self.hsdp and self.nnodes > 1:
+            overrides = [*overrides, f"hsdp_replicas={self.nnodes}"]
         sets = [arg for override in overrides for arg in ("--set", override)]
         return ["-m", "mumu_model.training", config_file, *sets]
 

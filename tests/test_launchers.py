@@ -210,3 +210,12 @@ def test_unknown_launcher_and_missing_image_are_named(tmp_path):
         TrainingCluster(launcher="ray").launch("c.yaml", [], env={}, cwd=None, work_dir=tmp_path, job_name="j")
     with pytest.raises(dg.Failure, match="TrainingCluster.k8s_image"):
         TrainingCluster(launcher="kubernetes").launch("c.yaml", [], env={}, cwd=None, work_dir=tmp_path, job_name="j")
+
+
+def test_hsdp_sets_one_replica_group_per_node():
+    from mumu_assets.training_assets import TrainingCluster
+
+    command = TrainingCluster(nnodes=4, nproc_per_node=8, hsdp=True).command("stage1.yaml", ["max_steps=10"])
+    assert command[-4:] == ["--set", "max_steps=10", "--set", "hsdp_replicas=4"]
+    single = TrainingCluster(nnodes=1, nproc_per_node=8, hsdp=True).command("stage1.yaml", [])
+    assert "hsdp_replicas=1" not in " ".join(single) and not any("hsdp" in part for part in single)

@@ -56,6 +56,7 @@ def finish_and_report():
         "rank": trainer.dist.rank, "world_size": trainer.dist.world_size, "hash": digest.hexdigest(),
         "tensors": len(state), "before": before, "after": fixed_loss(), "losses": trainer.losses,
         "keys": batch["keys"], "sharded": type(trainer.model.unet).__name__,
+        "mesh": list(next(trainer.model.parameters()).device_mesh.shape),
     }
     (out / f"rank{trainer.dist.rank}.json").write_text(json.dumps(report))
     return finish()
@@ -100,3 +101,29 @@ def test_two_process_fsdp2_on_cpu(tmp_path):
     # Each rank wrote its own shards of the weights: no rank gathered the model to save it.
     assert len(list((manager.latest() / "weights").glob("*.safetensors"))) == 2
     assert (Path(config.output_dir) / "pipeline" / "model_index.json").is_file()
+
+
+def test_hsdp_replicates_across_groups_and_trains_like_fsdp(tmp_path):
+    """hsdp_replicas=2 on 2 ranks: a (2, 1) mesh, each rank a whole replica; the ranks agree on
+    every weight and the losses are those of the plain FSDP run on the same data."""
+    shard = write_shard(tmp_path / "shards" / "00000.tar", records(4)).path
+    losses = {}
+    for replicas in (1, 2):
+        folder = tmp_path / f"replicas{replicas}"
+        folder.mkdir()
+        config = tiny(folder, shard, max_steps=3, checkpoint_every=3, conditioning_dropout=0.0,
+                      augment_probability=0.0, validate_every=0, validation_prompts=(), hsdp_replicas=replicas,
+                      **FULL)
+        config_file = folder / "train.yaml"
+        config_file.write_text(yaml.safe_dump(config.to_dict()))
+        driver = folder / "driver.py"
+        driver.write_text(DRIVER)
+        code, output = run_two(driver, config_file, folder, timeout=280)
+        assert code == 0, output[-8000:]
+        reports = [json.loads((folder / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+        assert reports[0]["hash"] == reports[1]["hash"]
+        assert reports[0]["mesh"] == ([2] if replicas == 1 else [2, 1])
+        losses[replicas] = reports[0]["losses"]
+    assert len(losses[2]) == 3
+    for fsdp, hsdp in zip(losses[1], losses[2]):
+        assert abs(fsdp - hsdp) <= 1e-4 * max(1.0, abs(fsdp)), losses

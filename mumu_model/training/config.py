@@ -93,6 +93,10 @@ class TrainConfig:
     ema_decay: float = 0.0
     mixed_precision: str = "no"  # "bf16": autocast + FSDP bf16 params on GPU only; "no": fp32
     activation_checkpointing: bool = False
+    # Replica groups for HSDP: 1 shards the model over every rank (FSDP); N > 1 shards it within
+    # each group of world_size / N ranks and replicates it across the groups (set N = nodes:
+    # parameter all-gathers stay on a node's fast links, only gradients cross nodes).
+    hsdp_replicas: int = 1
     seed: int = 0
     device: str | None = None  # None: this worker's GPU (mumu_model.devices.worker_device), else cpu
     # How long a collective may wait for the slowest rank before the run fails (NCCL's default
@@ -139,6 +143,8 @@ class TrainConfig:
         def fail(message: str) -> None:
             raise ValueError(f"train config: {message}")
 
+        if self.hsdp_replicas < 1:
+            fail(f"hsdp_replicas must be at least 1, got {self.hsdp_replicas}")
         if self.model_profile not in PROFILES:
             fail(f"model_profile must be one of {sorted(PROFILES)}, got {self.model_profile!r}")
         if self.stage not in (1, 2):

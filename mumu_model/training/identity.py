@@ -33,6 +33,7 @@ NOT_IDENTITY = frozenset({
     "cache_latents",
     "device",
     "dist_timeout_s",
+    "hsdp_replicas",  # how the same computation is laid out on the ranks
     "output_dir",
     "checkpoint_every",
     "checkpoints_total_limit",

@@ -132,8 +132,12 @@ def clean_name(name: str) -> str:
 # -- FSDP2 ----------------------------------------------------------------------------------------
 
 
-def apply_fsdp(model: nn.Module, device: torch.device, bf16: bool) -> None:
+def apply_fsdp(model: nn.Module, device: torch.device, bf16: bool, replicas: int = 1) -> None:
     """Shard each repeated block, then encoder / adapter / UNet, then the root (FSDP2).
+
+    `replicas` > 1 is HSDP: a 2-D mesh (replicate, shard) of replicas x world_size / replicas
+    ranks, consecutive ranks (one node under torchrun) sharing a shard group; a `ValueError`
+    when the world size is not a multiple of it.
 
     Blocks first so each block's parameters are gathered only while it runs; the roots then
     own what is left (embeddings, norms, projections). With bf16 on GPU, parameters are cast
@@ -149,11 +153,19 @@ def apply_fsdp(model: nn.Module, device: torch.device, bf16: bool) -> None:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         policy = MixedPrecisionPolicy()
+    mesh = None
+    if replicas > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        world = dist.get_world_size()
+        if world % replicas:
+            raise ValueError(f"hsdp_replicas={replicas} does not divide the world size {world}")
+        mesh = init_device_mesh(device.type, (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
     for parent, name in repeated_blocks(model):
-        fully_shard(getattr(parent, name), mp_policy=policy)
+        fully_shard(getattr(parent, name), mesh=mesh, mp_policy=policy)
     for part in (model.encoder, model.adapter, model.unet):
-        fully_shard(part, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(part, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
 # -- collectives ------------------------------------------------------------------------------------

@@ -371,6 +371,7 @@ def build_sharded(
     activation_checkpointing: bool = False,
     mp_bf16: bool = False,
     fsdp: bool | None = None,
+    hsdp_replicas: int = 1,
 ) -> tuple[MUMUPipeline, MUMUTrainModel]:
     """The model `setup_model(config)` builds, already checkpointed, sharded and on `device`,
     without any rank holding more of it than its own shards (see the module doc for what is
@@ -379,7 +380,7 @@ def build_sharded(
     Equal, tensor for tensor (parameters and buffers), to `setup_model(config)` followed by:
     frozen parameters cast to `frozen_dtype` (trainable ones stay float32),
     `parallel.apply_activation_checkpointing` if `activation_checkpointing`, and
-    `parallel.apply_fsdp(model, device, bf16=mp_bf16)` if `fsdp` (None: when a process group is
+    `parallel.apply_fsdp(model, device, bf16=mp_bf16, replicas=hsdp_replicas)` if `fsdp` (None: when a process group is
     up). The pipeline's encoder / adapter / UNet are the model's modules, on `device` already
     (do not call `pipe.to`); its VAE is frozen, on `device`, in `vae_dtype`. Under a process
     group every rank must call this together.
@@ -404,7 +405,7 @@ def build_sharded(
     if activation_checkpointing:
         parallel.apply_activation_checkpointing(model)
     if fsdp:
-        parallel.apply_fsdp(model, device, bf16=mp_bf16)
+        parallel.apply_fsdp(model, device, bf16=mp_bf16, replicas=hsdp_replicas)
     # The buffers are real (the constructors computed them); to_empty leaves garbage in them.
     buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
     model.to_empty(device=device)

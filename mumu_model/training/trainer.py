@@ -458,6 +458,7 @@ class Trainer:
         self.pipe, self.model = build_sharded(
             config, self.device, frozen_dtype=torch.bfloat16 if self.bf16 else torch.float32,
             activation_checkpointing=config.activation_checkpointing, mp_bf16=self.bf16, fsdp=self.dist.sharded,
+            hsdp_replicas=config.hsdp_replicas,
         )
         self.pipe.set_progress_bar_config(disable=True)
         self.trainable = {parallel.clean_name(n) for n, p in self.model.named_parameters() if p.requires_grad}
