@@ -48,18 +48,22 @@ PAPER = {
 }
 
 
-def toy_resources(root: str | None = None) -> dict:
+def toy_resources(root: str | None = None, cache: str | None = None) -> dict:
     """The toy world: a renderer for SDXL, its known boxes for GroundingDINO, and a CLIP
     trained by the graph (under `root`/models, default the params' `data.root`) for PickScore
     and the evaluation's CLIP."""
+    from mumu_model.data.storage import DatasetRoot
+
     root = root or params().get("root", "data")
-    scorer = f"{root}/models/scorer"
+    # The scorer and the renders' boxes are read as local files: with a URL root, from its mirror.
+    local = str(DatasetRoot(root, cache).cache)
+    scorer = f"{local}/models/scorer"
     return {
-        "storage": DatasetStorage(root=root),
+        "storage": DatasetStorage(root=root, cache=cache),
         "content_style_backend": ContentStyleBackend(backend="rules"),
         "synthesis_backend": SynthesisBackend(backend="toy", defect_probability=0.1),
         "scorer_backend": ScorerBackend(model=scorer, device="cpu"),
-        "detector_backend": DetectorBackend(backend="annotations", annotations=f"{root}/synthetic/images"),
+        "detector_backend": DetectorBackend(backend="annotations", annotations=f"{local}/synthetic/images"),
         "real_image_models": RealImageModels(),  # no photographs in this world
         "control_image_models": ControlImageModels(),  # canny only
         "training_cluster": TrainingCluster(nnodes=1, nproc_per_node=1),

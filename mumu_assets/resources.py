@@ -26,12 +26,43 @@ def _device(resource: dg.ConfigurableResource) -> str:
 
 
 class DatasetStorage(dg.ConfigurableResource):
-    """The folder every dataset is written under (the DVC-tracked `data/`)."""
+    """Where every dataset is written: a folder (the DVC-tracked `data/`) or an fsspec URL
+    (`s3://bucket/mumu`; `mumu_model.data.storage`). With a URL, a step works on a local cache
+    and its complete outputs are uploaded when it ends; the root is checked when the step
+    starts, failing within `timeout_s` with an error naming `data.root`."""
 
     root: str = "data"
+    cache: str | None = None  # the local mirror of a URL root (default ~/.cache/mumu/<hash>)
+    storage_options: dict = {}  # fsspec options: credentials, endpoint_url, timeouts
+    timeout_s: float = 30.0
+    _root: Any = PrivateAttr(default=None)
+    _started: float = PrivateAttr(default=0.0)
+
+    def _datasets(self):
+        if self._root is None:
+            from mumu_model.data.storage import DatasetRoot
+
+            self._root = DatasetRoot(self.root, self.cache, self.storage_options, self.timeout_s)
+        return self._root
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        import time
+
+        from mumu_model.data.storage import StorageError
+
+        self._started = time.time()
+        try:
+            self._datasets().check()
+        except StorageError as err:
+            raise dg.Failure(str(err), allow_retries=False) from None
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        uploaded = self._datasets().publish(self._started)
+        if uploaded and context.log is not None:
+            context.log.info(f"uploaded {len(uploaded)} file(s) to {self.root}")
 
     def path(self, *parts: str) -> Path:
-        return Path(self.root).joinpath(*parts)
+        return self._datasets().local(*parts)
 
 
 class _CachedBackend(dg.ConfigurableResource):
