@@ -97,16 +97,24 @@ def cmd_eval_run(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+# Where `mumu eval compare` looks without --tracking-uri: the project's store (training, the
+# evaluation asset, the registry), then where `mumu eval run`'s default --out logs.
+_COMPARE_STORES = (Path("runs/mlflow.db"), Path("outputs/mlflow.db"))
+
+
 def cmd_eval_compare(args: argparse.Namespace) -> None:
+    from mumu_model.training.tracking import absolute_tracking_uri
+
     from .compare import compare_runs
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri is None:
-        default = Path("outputs/mlflow.db")  # where `mumu eval run`'s default --out logs
-        if not default.is_file():
-            raise EvalUsageError(f"no --tracking-uri and no {default}; pass --tracking-uri sqlite:///PATH/mlflow.db")
-        uri = f"sqlite:///{default.resolve()}"
-    print(compare_runs(args.run_a, args.run_b, uri))
+        found = next((path for path in _COMPARE_STORES if path.is_file()), None)
+        if found is None:
+            raise EvalUsageError(f"no --tracking-uri and no {' or '.join(map(str, _COMPARE_STORES))}; "
+                                 "pass --tracking-uri sqlite:///PATH/mlflow.db")
+        uri = f"sqlite:///{found}"
+    print(compare_runs(args.run_a, args.run_b, absolute_tracking_uri(uri)))
 
 
 def add_eval_commands(subparsers) -> argparse.ArgumentParser:
@@ -152,10 +160,16 @@ def add_eval_commands(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true")
     run.set_defaults(func=cmd_eval_run)
 
-    compare = commands.add_parser("compare", help="two evaluation runs' metrics side by side, with deltas")
-    compare.add_argument("run_a", metavar="RUN_A", help="MLflow run id or run name")
-    compare.add_argument("run_b", metavar="RUN_B", help="MLflow run id or run name")
-    compare.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else outputs/mlflow.db")
+    compare = commands.add_parser(
+        "compare", help="two evaluation runs' metrics side by side, with deltas",
+        description="A run is named by its id, its run name, or a registered model alias "
+        "(models:/NAME@ALIAS or NAME@ALIAS: the run that version was registered from).",
+    )
+    reference = "MLflow run id, run name, or models:/NAME@ALIAS / NAME@ALIAS"
+    compare.add_argument("run_a", metavar="RUN_A", help=reference)
+    compare.add_argument("run_b", metavar="RUN_B", help=reference)
+    compare.add_argument("--tracking-uri", default=None,
+                         help="default: $MLFLOW_TRACKING_URI, else runs/mlflow.db, else outputs/mlflow.db")
     compare.set_defaults(func=cmd_eval_compare)
     return evaluation
 

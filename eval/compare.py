@@ -3,12 +3,18 @@
 `mumu eval compare RUN_A RUN_B` prints one line per metric (aggregate first, then each suite),
 `B - A` in the last column, and warns when the runs did not evaluate the same suites (another
 version or content hash) or sampling settings, since their numbers are then not comparable.
-A run is named by its id, or by its run name (the newest run of that name).
+A run is named by its id, by its run name (the newest run of that name), or by a registered
+model alias, `models:/<name>@<alias>` or `<name>@<alias>`: the run that the aliased version
+was logged from (for versions the evaluation asset registers, the evaluation that scored it).
+
+`main_metric` names the metric that ranks models on an evaluation (the evaluation asset moves
+the `champion` alias by it).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -23,16 +29,57 @@ class RunMetrics:
 # Params whose difference makes two evaluations incomparable.
 _SETTINGS = ("steps", "guidance", "seeds", "negative_prompt", "scheduler", "resolution", "dtype")
 
+# What ranks models, most specific first: the first of these an evaluation has. Which ones it
+# has follows from its suites: colour_match needs coloured objects (the toy world), face_sim
+# portraits, mm_clip objects and a detector; clip_t is there whenever CLIP is. All are
+# higher-is-better.
+MAIN_METRICS = ("colour_match", "face_sim", "mm_clip", "dino", "clip_i", "clip_t", "pickscore")
+
+
+def main_metric(metrics: Mapping[str, float]) -> str | None:
+    """The metric that ranks models on an evaluation with these (aggregate) metrics, or None."""
+    for name in MAIN_METRICS:
+        value = metrics.get(name)
+        if value is not None and not math.isnan(value):
+            return name
+    return None
+
 
 def _strip_eval_prefix(params: dict[str, str]) -> dict[str, str]:
     # Evaluations logged into a training run keep their params under "eval.".
     return {k.removeprefix("eval."): v for k, v in params.items()}
 
 
-def fetch_run(client, run: str) -> RunMetrics:
-    """A run by id, else the newest run with that name (any experiment)."""
+def resolve_alias(client, reference: str) -> str | None:
+    """The run id behind `models:/<name>@<alias>` or `<name>@<alias>` (the run its version was
+    logged from); None when `reference` is not of that form. An unknown model or alias, or a
+    version logged outside a run, raises ValueError."""
     from mlflow.exceptions import MlflowException
 
+    from mumu_model.registry import parse_model_reference
+
+    parsed = parse_model_reference(reference)
+    if parsed is None:
+        return None
+    name, alias = parsed
+    try:
+        version = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        raise ValueError(f"{reference!r}: no registered model {name!r} with alias {alias!r} "
+                         f"in {client.tracking_uri}") from None
+    if not version.run_id:
+        raise ValueError(f"{reference!r}: version {version.version} of {name!r} was not logged from a run")
+    return version.run_id
+
+
+def fetch_run(client, run: str) -> RunMetrics:
+    """A run by id, else the newest run with that name (any experiment); `name@alias` and
+    `models:/name@alias` name the run of the version the alias points at."""
+    from mlflow.exceptions import MlflowException
+
+    aliased = resolve_alias(client, run)
+    if aliased is not None:
+        run = aliased
     try:
         found = client.get_run(run)
     except MlflowException:
@@ -99,7 +146,8 @@ def comparison_table(a: RunMetrics, b: RunMetrics) -> str:
 
 
 def compare_runs(run_a: str, run_b: str, tracking_uri: str) -> str:
+    """`mumu eval compare`: each of `run_a`, `run_b` a run id, run name or model alias."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     return comparison_table(fetch_run(client, run_a), fetch_run(client, run_b))

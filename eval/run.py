@@ -14,7 +14,9 @@ Steps, in an order that fails fast and keeps one big model in memory at a time:
    seeds and sampler, for text adherence (CLIP-T of MUMU vs SDXL).
 4. Each image is scored; rows are aggregated per suite and over suites; images, grids (inputs
    beside outputs), `rows.csv` and `summary.json` are written under `out_dir`, atomically.
-5. Metrics, params and artifacts go to MLflow (`{suite}/{metric}` and `aggregate/{metric}`).
+5. Metrics, params and artifacts go to MLflow (`{suite}/{metric}` and `aggregate/{metric}`). A
+   new evaluation run is tagged `mumu.trained_by=<MLflow run id>` when the pipeline folder was
+   exported by a training run (`mumu_model.training.tracking.training_mlflow_run`).
 
 Metric columns of a row (one generated image): clip_t, clip_i, dino, pickscore, mm_clip
 (multimodal CLIP score), mm_objects / mm_found, face_sim / face_dist / face_found /
@@ -56,6 +58,12 @@ from mumu_model.data.detection import Detector
 from mumu_model.images import pad_to_square
 from mumu_model.pipeline import MUMUPipeline
 from mumu_model.prompt import MultimodalPrompt
+from mumu_model.training.tracking import (
+    TRAINED_BY_TAG,
+    absolute_tracking_uri,
+    ensure_experiment,
+    training_mlflow_run,
+)
 
 from .faces import FaceEmbedder, face_similarity, load_face_embedder
 from .metrics import (
@@ -261,7 +269,7 @@ def default_tracking_uri(out_dir: Path) -> str:
     """$MLFLOW_TRACKING_URI if set, else a sqlite file beside `out_dir` (as training does), so
     evaluations written next to each other land in one database to compare."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+        return absolute_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     return f"sqlite:///{Path(out_dir).resolve().parent / 'mlflow.db'}"
 
 
@@ -287,6 +295,7 @@ def evaluate(
     run_name: str | None = None,
     text_only_ablation: bool = False,
     batch_size: int = 1,
+    tags: dict[str, str] | None = None,
 ) -> EvalResult:
     """Evaluate a MUMU pipeline on prompt suites; see the module docstring for the steps.
 
@@ -311,6 +320,7 @@ def evaluate(
             metrics with a `_text_only` suffix), to show what the images contribute.
         batch_size: prompts per pipeline call (each with all its seeds); the images do not
             depend on it, only speed and memory do.
+        tags: extra MLflow tags of the evaluation run (`mumu.trained_by` is found by itself).
 
     Bad entries do not raise: they are collected in `EvalResult.errors` (and logged), and the
     rest of the suite is scored.
@@ -425,9 +435,13 @@ def evaluate(
 
     # 5. MLflow.
     if mlflow_run:
-        result.tracking_uri = tracking_uri or default_tracking_uri(out_dir)
+        result.tracking_uri = absolute_tracking_uri(tracking_uri) if tracking_uri else default_tracking_uri(out_dir)
         existing = mlflow_run if isinstance(mlflow_run, str) else None
-        result.run_id = _log_mlflow(result, result.tracking_uri, experiment, existing, run_name)
+        run_tags = dict(tags or {})
+        trained_by = None if isinstance(pipeline, MUMUPipeline) else training_mlflow_run(pipeline)
+        if trained_by is not None and trained_by != existing:
+            run_tags.setdefault(TRAINED_BY_TAG, trained_by)
+        result.run_id = _log_mlflow(result, result.tracking_uri, experiment, existing, run_name, run_tags)
         _write_summary(result)  # again, now with the run id
     for error in errors:
         logger.warning("entry error: %s", error)
@@ -685,34 +699,16 @@ def _write_summary(result: EvalResult) -> None:
 # -- MLflow --------------------------------------------------------------------------------
 
 
-def _artifact_location(uri: str) -> str | None:
-    if uri.startswith("sqlite:///"):
-        # Without one MLflow puts artifacts under ./mlruns of whatever the working directory is.
-        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-    return None
-
-
-def _experiment_id(client, name: str, uri: str) -> str:
-    from mlflow.exceptions import MlflowException
-
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=_artifact_location(uri))
-    except MlflowException:  # created by someone else in between
-        return client.get_experiment_by_name(name).experiment_id
-
-
-def _log_mlflow(result: EvalResult, uri: str, experiment: str, run_id: str | None, run_name: str | None) -> str:
+def _log_mlflow(result: EvalResult, uri: str, experiment: str, run_id: str | None, run_name: str | None,
+                tags: dict[str, str]) -> str:
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
     client = MlflowClient(tracking_uri=uri)
     created = run_id is None
     if created:
-        run = client.create_run(_experiment_id(client, experiment, uri), run_name=run_name,
-                                tags={"mumu.kind": "evaluation"})
+        run = client.create_run(ensure_experiment(client, experiment, uri), run_name=run_name,
+                                tags={"mumu.kind": "evaluation", **{k: str(v) for k, v in tags.items()}})
         run_id = run.info.run_id
         params = [Param(k, v[:6000]) for k, v in result.settings.items()]
     else:
@@ -723,6 +719,9 @@ def _log_mlflow(result: EvalResult, uri: str, experiment: str, run_id: str | Non
     metrics = [Metric(k, float(v), now, 0) for k, v in result.metrics().items() if not math.isnan(v)]
     for start in range(0, max(len(params), len(metrics)), MLFLOW_BATCH):
         client.log_batch(run_id, metrics=metrics[start : start + MLFLOW_BATCH], params=params[start : start + MLFLOW_BATCH])
+    if not created:
+        for key, value in tags.items():
+            client.set_tag(run_id, key, str(value))
     client.set_tag(run_id, "mumu.eval.errors", str(len(result.errors)))
     for suite in result.suites:  # this run's grids only: out_dir may hold older ones
         grid = result.out_dir / "grids" / f"{suite}.png"
@@ -743,6 +742,7 @@ __all__ = [
     "EvalModels",
     "EvalResult",
     "PipelineFolderError",
+    "TRAINED_BY_TAG",
     "check_pipeline_folder",
     "default_tracking_uri",
     "evaluate",

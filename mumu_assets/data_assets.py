@@ -7,6 +7,9 @@ atomically, and reports rows in/out, what was skipped and why, and the DVC hash.
 A sharded step drops a row that raises and lists it (`failed_rows`); a shard whose rows mostly
 raise fails its own partition only, naming them (`_shard_fails_alone`). Temps that killed
 writers left in the output folder are deleted first (`orphans_removed`).
+
+Checks of ERROR severity are blocking: one that fails fails its step, so what is downstream
+does not run (mumu_assets.materialize also refuses it in later runs). WARN checks only report.
 """
 
 # No `from __future__ import annotations`: Dagster reads the config and resource types of
@@ -80,12 +83,15 @@ class RawPromptsConfig(dg.Config):
 
 
 def _check(name: str, passed: bool, description: str, severity=dg.AssetCheckSeverity.ERROR, **metadata):
+    """A check result, ERROR by default. An ERROR check's spec is `blocking=True`: when it fails,
+    Dagster fails the step and nothing downstream runs (a WARN check's spec is not blocking)."""
     return dg.AssetCheckResult(
         check_name=name, passed=bool(passed), severity=severity, description=description, metadata=metadata
     )
 
 
-@dg.asset(group_name="prompts", kinds={"parquet"}, check_specs=[dg.AssetCheckSpec("nonempty_unique", asset="raw_prompts")])
+@dg.asset(group_name="prompts", kinds={"parquet"},
+          check_specs=[dg.AssetCheckSpec("nonempty_unique", asset="raw_prompts", blocking=True)])
 def raw_prompts(config: RawPromptsConfig, storage: DatasetStorage) -> dg.MaterializeResult:
     """DiffusionDB-style prompts, cleaned, length-filtered and deduplicated."""
     from mumu_model.data.prompts import load_prompt_table
@@ -112,7 +118,8 @@ class ContentStyleConfig(dg.Config):
 
 
 @dg.asset(group_name="prompts", deps=[raw_prompts], kinds={"parquet"},
-          check_specs=[dg.AssetCheckSpec("styles_per_content", asset="content_style")], automation_condition=EAGER)
+          check_specs=[dg.AssetCheckSpec("styles_per_content", asset="content_style", blocking=True)],
+          automation_condition=EAGER)
 def content_style(
     config: ContentStyleConfig, storage: DatasetStorage, content_style_backend: ContentStyleBackend
 ) -> dg.MaterializeResult:
@@ -188,7 +195,7 @@ def synthetic_images(
 # The scorer is an asset of the "pretrained" group: a hub checkpoint in the paper profile, a CLIP
 # the toy profile trains on its own renders (mumu_assets.pretrained_assets).
 @dg.asset(group_name="synthetic", deps=[synthetic_images, dg.AssetKey("scorer_model")], partitions_def=SHARDS,
-          kinds={"parquet"}, check_specs=[dg.AssetCheckSpec("scores_finite", asset="pickscore_scores")],
+          kinds={"parquet"}, check_specs=[dg.AssetCheckSpec("scores_finite", asset="pickscore_scores", blocking=True)],
           automation_condition=EAGER)
 def pickscore_scores(
     context: dg.AssetExecutionContext, storage: DatasetStorage, scorer_backend: ScorerBackend
@@ -304,7 +311,8 @@ def _caption_sources(storage: DatasetStorage, shard: str) -> list:
 
 
 @dg.asset(group_name="captions", deps=[filtered_synthetic, real_images], partitions_def=SHARDS, kinds={"parquet"},
-          check_specs=[dg.AssetCheckSpec("boxes_well_formed", asset="detections")], automation_condition=EAGER)
+          check_specs=[dg.AssetCheckSpec("boxes_well_formed", asset="detections", blocking=True)],
+          automation_condition=EAGER)
 def detections(
     context: dg.AssetExecutionContext, config: DetectionConfig, storage: DatasetStorage,
     detector_backend: DetectorBackend,
@@ -368,7 +376,8 @@ def _caption_metadata(out, result: steps.StepResult, storage: DatasetStorage, na
 
 
 @dg.asset(group_name="captions", deps=[detections], partitions_def=SHARDS, kinds={"webdataset"},
-          check_specs=[dg.AssetCheckSpec("records_parse", asset="multimodal_captions_stage1")], automation_condition=EAGER)
+          check_specs=[dg.AssetCheckSpec("records_parse", asset="multimodal_captions_stage1", blocking=True)],
+          automation_condition=EAGER)
 def multimodal_captions_stage1(
     context: dg.AssetExecutionContext, config: CaptionConfig, storage: DatasetStorage,
     control_image_models: ControlImageModels,
@@ -392,7 +401,8 @@ def multimodal_captions_stage1(
 
 
 @dg.asset(group_name="captions", deps=[detections], partitions_def=SHARDS, kinds={"webdataset"},
-          check_specs=[dg.AssetCheckSpec("records_parse", asset="multimodal_captions_stage2")], automation_condition=EAGER)
+          check_specs=[dg.AssetCheckSpec("records_parse", asset="multimodal_captions_stage2", blocking=True)],
+          automation_condition=EAGER)
 def multimodal_captions_stage2(
     context: dg.AssetExecutionContext, config: CaptionConfig, storage: DatasetStorage
 ) -> dg.MaterializeResult:

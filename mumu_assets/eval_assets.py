@@ -1,4 +1,6 @@
-"""The evaluation asset: the trained pipeline scored on the versioned prompt suites."""
+"""The evaluation asset: the trained pipeline scored on the versioned prompt suites, logged to
+the project's MLflow store (the training runs' store), registered as a model version, and made
+the `champion` when its main metric beats the current champion's."""
 
 # No `from __future__ import annotations`: Dagster reads config and resource types from the
 # live annotations.
@@ -6,6 +8,8 @@ from pathlib import Path
 
 import dagster as dg
 import pandas as pd
+
+from mumu_model.training.tracking import DEFAULT_TRACKING_URI
 
 from .metadata import preview
 from .params import REPO_ROOT, params
@@ -15,6 +19,7 @@ from .training_assets import stage1_model, stage2_model
 # Defaults from params.yaml's `evaluation` group (a profile's params file sets its own, e.g. the
 # toy world's colour suite with the text-only ablation); the paper's protocol where it has none.
 E = params(group="evaluation") or {}
+PROFILE = params(group="profile")
 BUILTIN_SUITES = [str(p.relative_to(REPO_ROOT)) for p in sorted((REPO_ROOT / "eval" / "suites").glob("*.yaml"))]
 # Surfaced on their own in the asset's metadata: the toy world's proof that the images matter.
 COLOUR_METRICS = ("colour_match", "colour_match_text_only", "colour_chance")
@@ -45,7 +50,9 @@ class EvaluationConfig(dg.Config):
     guidance: float = E.get("guidance", 6.0)
     seeds: list[int] = E.get("seeds", [0, 1])
     resolution: int | None = E.get("resolution", None)
-    tracking_uri: str | None = E.get("tracking_uri", None)  # None: $MLFLOW_TRACKING_URI, else beside the output
+    # None: $MLFLOW_TRACKING_URI, else params' evaluation.tracking_uri, else sqlite:///runs/mlflow.db:
+    # the store training logs to, so an evaluation sits beside the run it scored.
+    tracking_uri: str | None = None
     # Also generate each prompt with its images removed and score it apart (`_text_only` metrics).
     text_only_ablation: bool = E.get("text_only_ablation", False)
     batch_size: int = E.get("batch_size", 1)  # prompts per pipeline call (speed and memory only)
@@ -53,6 +60,14 @@ class EvaluationConfig(dg.Config):
     # None: cuda in bfloat16 when CUDA is available, else cpu in float32.
     device: str | None = E.get("device", None)
     dtype: str | None = E.get("dtype", None)
+    # Register the evaluated pipeline as a version of `model_name` (a copy of the pipeline in the
+    # store's artifacts: the toy's is small, the paper's is tens of GB) and move `champion_alias`
+    # to it when `champion_metric` (None: eval.compare.main_metric of the suites) beats the
+    # champion's; an evaluation with entry errors never takes the alias.
+    register_model: bool = E.get("register_model", PROFILE == "toy")
+    model_name: str = E.get("model_name", f"mumu-{PROFILE}" if PROFILE else "mumu")
+    champion_metric: str | None = E.get("champion_metric", None)
+    champion_alias: str = E.get("champion_alias", "champion")
 
 
 @dg.asset(group_name="evaluation", deps=[stage1_model, stage2_model, dg.AssetKey("scorer_model")], kinds={"mlflow"})
@@ -64,6 +79,7 @@ def evaluation(
     per suite; a summary table and grids here, the same in MLflow for `mumu eval compare`."""
     from eval.run import evaluate
     from mumu_model.cli import resolve_device_dtype
+    from mumu_model.training.tracking import project_tracking_uri
 
     try:  # a bad value fails here, before anything is loaded, naming the config field
         device, dtype = resolve_device_dtype(config.device, config.dtype)
@@ -71,12 +87,17 @@ def evaluation(
         raise dg.Failure(description=f"evaluation config: {err}") from None
     context.log.info(f"evaluating on {device} in {str(dtype).removeprefix('torch.')}")
     out_dir = storage.path("evaluation", context.run_id)
+    tracking_uri = project_tracking_uri(config.tracking_uri, default=E.get("tracking_uri") or DEFAULT_TRACKING_URI)
     result = evaluate(
         config.pipeline, [Path(s) for s in config.suites], models=eval_models.models(), steps=config.steps,
         guidance=config.guidance, seeds=tuple(config.seeds), out_dir=out_dir, resolution=config.resolution,
-        tracking_uri=config.tracking_uri, run_name=f"eval-{context.run_id[:8]}",
+        tracking_uri=tracking_uri, run_name=f"eval-{context.run_id[:8]}", tags={"dagster_run_id": context.run_id},
         text_only_ablation=config.text_only_ablation, batch_size=config.batch_size, device=device, dtype=dtype,
     )
+    # The latest scores at a fixed path: DVC's metrics file (`dvc metrics show / diff`).
+    from mumu_model.atomic import write_bytes_atomic
+
+    write_bytes_atomic(storage.path("evaluation.json"), (Path(result.out_dir) / "summary.json").read_bytes())
     summary = pd.DataFrame(result.suites).T
     summary.loc["aggregate"] = pd.Series(result.aggregate)
     metadata = {
@@ -98,7 +119,42 @@ def evaluation(
     for name in COLOUR_METRICS:
         if name in result.aggregate:
             metadata[name] = dg.MetadataValue.float(float(result.aggregate[name]))
+    if config.register_model and result.run_id:
+        metadata.update(_register(context, config, result))
     return dg.MaterializeResult(metadata=metadata)
+
+
+def champion_decision(config: EvaluationConfig, aggregate: dict, errors: int) -> tuple[str | None, float | None]:
+    """(metric, value) that a registered evaluation competes with for the alias: the configured
+    metric or the suites' main one, as its `aggregate/` MLflow metric; value None when the
+    evaluation cannot compete (no such metric, or entry errors left it incomplete)."""
+    from eval.compare import main_metric
+
+    name = config.champion_metric or main_metric(aggregate)
+    if name is None:
+        return None, None
+    value = aggregate.get(name)
+    return f"aggregate/{name}", (float(value) if value is not None and not errors else None)
+
+
+def _register(context: dg.AssetExecutionContext, config: EvaluationConfig, result) -> dict:
+    """Register the evaluated pipeline into the evaluation run; move the alias if it won."""
+    from mumu_model.registry import promote_if_better, register_pipeline
+
+    version = register_pipeline(config.pipeline, config.model_name, result.tracking_uri, run_id=result.run_id)
+    metric, value = champion_decision(config, result.aggregate, len(result.errors))
+    promoted = metric is not None and promote_if_better(
+        config.model_name, version, metric, value, result.tracking_uri, alias=config.champion_alias)
+    reference = f"models:/{config.model_name}@{config.champion_alias}"
+    context.log.info(f"registered {config.model_name} version {version}; "
+                     + (f"{reference} now points at it ({metric} {value:.4f})" if promoted
+                        else f"{reference} stays ({metric} {value})"))
+    return {
+        "model_name": dg.MetadataValue.text(config.model_name),
+        "model_version": dg.MetadataValue.text(version),
+        "champion_metric": dg.MetadataValue.text(metric or ""),
+        "champion": dg.MetadataValue.bool(promoted),
+    }
 
 
 EVAL_ASSETS = [evaluation]

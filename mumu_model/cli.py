@@ -349,6 +349,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"mumu: error: {message} (see {self.prog} --help)\n")
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import build_demo
+
+    device, dtype = device_and_dtype(args)
+    source = _pipeline_source(args.model)
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port}: must be 1-65535")
+    # Gradio reports usage to its servers unless told not to; a local demo reaches no one.
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise UsageError("the demo needs gradio: pip install gradio") from None
+    pipe = _load_pipeline(source, device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    print(f"MUMU demo of {args.model} on http://{args.host}:{args.port} ({device})", flush=True)
+    build_demo(pipe).launch(server_name=args.host, server_port=args.port, share=False, show_error=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mumu", description="MUMU: generate images from multimodal prompts (text with images inline)."
@@ -374,6 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_arguments(generate)
     generate.add_argument("--quiet", action="store_true", help="no progress bar")
     generate.set_defaults(func=cmd_generate)
+
+    demo = commands.add_parser("demo", help="a web app to try a pipeline (Gradio)",
+                               description="Write a prompt with <image1>, <image2>, ... where images go.")
+    demo.add_argument("--model", required=True, help="MUMU pipeline folder (or hub id)")
+    demo.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    demo.add_argument("--port", type=int, default=7860)
+    add_device_arguments(demo)
+    demo.set_defaults(func=cmd_demo)
 
     init = commands.add_parser(
         "init",

@@ -34,8 +34,10 @@ def headless_chromium(width: int = 1400, height: int = 900):
 
     browser, driver = chromium_paths()
     options = webdriver.ChromeOptions()
+    # Every host name but the loopback resolves to nothing: pages under test reach only 127.0.0.1.
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     f"--window-size={width},{height}"):
+                     f"--window-size={width},{height}", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+                     "--no-first-run", "--disable-background-networking", "--disable-component-update"):
         options.add_argument(argument)
     options.binary_location = browser
     return webdriver.Chrome(service=Service(driver), options=options)

@@ -1,5 +1,10 @@
+import os
+
 import pytest
 import torch
+
+# MLflow's usage telemetry would try to reach its servers from every test that logs a run.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from PIL import Image
 
 from mumu_model.testing import tiny_pipeline
@@ -42,7 +47,7 @@ def seeded(seed: int = 0) -> torch.Generator:
 
 # CI installs the system packages some tests need (PostgreSQL, Chromium) and sets this, so a
 # test that would skip for want of one fails instead.
-REQUIRE_SYSTEM_PACKAGES = bool(__import__("os").environ.get("MUMU_REQUIRE_SYSTEM_PACKAGES"))
+REQUIRE_SYSTEM_PACKAGES = bool(os.environ.get("MUMU_REQUIRE_SYSTEM_PACKAGES"))
 
 
 def skip_without(what: str, reason: str) -> None:

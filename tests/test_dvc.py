@@ -1,5 +1,8 @@
-"""dvc repro / push / pull reproduce a dataset, and Dagster records the same hash DVC does."""
+"""dvc repro / push / pull reproduce a dataset, and Dagster records the same hash DVC does; the
+whole toy main job (data, pretrained models, both training stages, evaluation) reproduces at smoke
+size, and a fresh clone pulls byte-identical outputs."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,6 +13,7 @@ import pytest
 import yaml
 
 from mumu_model.data.versioning import dvc_hash
+from mumu_model.toy.world import write_colour_suite
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -79,3 +83,113 @@ def test_repro_push_pull_round_trip(project):
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     status = _run([dvc, "status"], root, env)
     assert "content_style" in status and "raw_prompts" not in status
+
+
+# -- the whole toy main job --------------------------------------------------------------------
+
+GIT = ["git", "-c", "user.name=mumu-test", "-c", "user.email=mumu-test@localhost"]
+
+# Smoke size: the toy profile's params.yaml with every step shrunk (as tests/test_toy_graph.py's
+# run config); params.yaml is every asset's defaults, so the values must live there.
+SMOKE_TRAINING = {"max_steps": 2, "batch_size": 4, "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1,
+                  "validation_steps": 2, "validation_seeds": [0], "log_pipeline_artifact": False}
+
+
+def _smoke_params() -> dict:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["prompts"]["limit"] = 40
+    params["data"]["content_style"]["styles_per_content"] = 1
+    params["pretrained"] = {"vae": {"steps": 3, "batch_size": 8, "lr": 2.0e-3},
+                            "scorer": {"steps": 3, "batch_size": 8, "lr": 2.0e-3}}
+    params["training"].update(stage1_config="configs/train_stage1_smoke.yaml",
+                              stage2_config="configs/train_stage2_smoke.yaml")
+    params["evaluation"].update(suites=["eval/suites/toy/toy_colours.yaml"], steps=2, seeds=[0], batch_size=8)
+    return params
+
+
+@pytest.fixture
+def toy_project(tmp_path):
+    """A git repo with the project's DVC files at smoke size, committed, and a local remote."""
+    root = tmp_path / "A"
+    root.mkdir()
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore", "examples/prompts/toy_prompts.txt"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, root / name)
+    (root / "params.yaml").write_text(yaml.safe_dump(_smoke_params(), sort_keys=False))
+    for stage in (1, 2):
+        config = yaml.safe_load((REPO / "configs" / f"train_stage{stage}_toy.yaml").read_text())
+        (root / "configs").mkdir(exist_ok=True)
+        (root / "configs" / f"train_stage{stage}_smoke.yaml").write_text(yaml.safe_dump({**config, **SMOKE_TRAINING}))
+    # The code is copied and committed: the stages run from the project folder, so the copies
+    # shadow the installed package, and what DVC hashes is what runs (and what the clone gets).
+    for package in ("mumu_model", "mumu_assets", "eval"):
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    # An 8-prompt colour suite in place of the 120-prompt one (also the trainer's validation images).
+    shutil.rmtree(root / "eval" / "suites" / "toy")
+    write_colour_suite(root / "eval" / "suites" / "toy", count=8)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DAGSTER_HOME": str(tmp_path / "dagster_home"),
+        "MUMU_PROFILE": "toy",
+        "OMP_NUM_THREADS": "1",  # every stage is a process of its own on a shared 2-core machine
+    }
+    env.pop("MUMU_PARAMS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    (tmp_path / "dagster_home").mkdir()
+    dvc = str(Path(sys.executable).parent / "dvc")
+    _run(["git", "init", "-q"], root, env)
+    _run([dvc, "init", "-q"], root, env)
+    _run([dvc, "remote", "add", "-d", "test", str(tmp_path / "remote")], root, env)
+    _run([*GIT, "add", "-A"], root, env)
+    _run([*GIT, "commit", "-q", "-m", "smoke project"], root, env)
+    return root, env, dvc
+
+
+def _files(root: Path, outs: list[str]) -> dict[str, bytes]:
+    """The bytes of every regular file of `outs` (links to folders are not followed: DVC does
+    not version them)."""
+    found = {}
+    for out in outs:
+        path = root / out
+        if path.is_file():
+            found[out] = path.read_bytes()
+            continue
+        assert path.is_dir(), f"{out}: missing"
+        for folder, _, names in os.walk(path):
+            for name in names:
+                file = Path(folder) / name
+                if not file.is_symlink():
+                    found[str(file.relative_to(root))] = file.read_bytes()
+    return found
+
+
+def test_whole_toy_job_reproduces_and_a_fresh_clone_pulls_it(toy_project, tmp_path):
+    root, env, dvc = toy_project
+    _run([dvc, "repro"], root, env)  # from empty data/ and runs/, upstream first
+
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    assert set(lock["stages"]) == set(stages)
+    outs = [out["path"] for stage in lock["stages"].values() for out in stage["outs"]]
+    assert {"runs/stage1", "runs/stage2", "data/models/vae", "data/models/scorer", "data/evaluation"} <= set(outs)
+    # The trainer linked its run's exported pipeline where evaluation.pipeline points.
+    assert (root / "runs" / "stage2" / "pipeline" / "model_index.json").is_file()
+    (summary,) = (root / "data" / "evaluation").glob("*/summary.json")  # one evaluation run
+    metrics = json.loads(summary.read_text())
+    assert 0.0 <= metrics["aggregate"]["colour_match"] <= 1.0 and not metrics["errors"]
+    # Shared state, not an output: the MLflow database holds the training and evaluation runs.
+    assert (root / "runs" / "mlflow.db").is_file()
+    assert "up to date" in _run([dvc, "status"], root, env)
+
+    _run([dvc, "push"], root, env)
+    _run([*GIT, "add", "dvc.lock"], root, env)
+    _run([*GIT, "commit", "-q", "-m", "reproduced"], root, env)
+
+    clone = tmp_path / "B"
+    _run(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
+    assert not (clone / "data").exists() and not (clone / "runs").exists()
+    _run([dvc, "pull"], clone, env)
+    original, pulled = _files(root, outs), _files(clone, outs)
+    assert pulled.keys() == original.keys() and pulled == original
+    assert "up to date" in _run([dvc, "status"], clone, env)

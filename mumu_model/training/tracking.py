@@ -5,6 +5,10 @@ store is a local sqlite file (MLflow 3's plain file store is in maintenance mode
 URI (`http://...`) works the same. A resumed run continues the MLflow run its checkpoint
 names, so one training run is one MLflow run however often it was restarted.
 
+Training and evaluation share one store, `sqlite:///runs/mlflow.db` unless MLFLOW_TRACKING_URI
+says otherwise (`project_tracking_uri`); an evaluation finds the training run that exported a
+pipeline folder with `training_mlflow_run`.
+
 When Dagster launched the process through Pipes (its context is in the environment), progress
 lines go to Dagster's log and the end of the run reports an asset materialization; otherwise
 nothing Pipes-related happens (no warning, no mock).
@@ -12,6 +16,7 @@ nothing Pipes-related happens (no warning, no mock).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -26,21 +31,88 @@ logger = logging.getLogger("mumu.training")
 MLFLOW_BATCH = 100  # MLflow's limit on params / metrics per log_batch call
 
 
+# The project's one MLflow store (training runs, evaluation runs, the model registry), relative
+# to the project folder; `runs/` is the training output root of every profile.
+DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
+# Tag of an evaluation run (and of a registered model version): the MLflow run that trained it.
+TRAINED_BY_TAG = "mumu.trained_by"
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """`uri` with a relative sqlite path made absolute against the working directory, so every
+    process (and the artifact folder placed beside the database) names the same file."""
+    if uri.startswith("sqlite:///"):
+        path = uri.removeprefix("sqlite:///")
+        if path and path != ":memory:" and not Path(path).is_absolute():
+            return f"sqlite:///{Path(path).resolve()}"
+    return uri
+
+
+def project_tracking_uri(configured: str | None = None, default: str = DEFAULT_TRACKING_URI) -> str:
+    """The store to log to: `configured` (an explicit setting), else $MLFLOW_TRACKING_URI, else
+    `default` (a profile's params value, or `sqlite:///runs/mlflow.db`); relative sqlite paths
+    made absolute."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or default
+    return absolute_tracking_uri(uri)
+
+
 def default_tracking_uri(config: TrainConfig) -> str:
-    if config.tracking_uri:
-        return config.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(Path(config.output_dir).resolve().parent / 'mlflow.db')}"
+    """`config.tracking_uri`, else $MLFLOW_TRACKING_URI, else `mlflow.db` in the output folder's
+    parent: `runs/mlflow.db` for `output_dir=runs/stageN`, the store evaluation uses too."""
+    beside_outputs = f"sqlite:///{Path(config.output_dir).resolve().parent / 'mlflow.db'}"
+    return project_tracking_uri(config.tracking_uri, default=beside_outputs)
 
 
-def _artifact_location(config: TrainConfig, uri: str) -> str | None:
-    if config.artifact_location:
-        return config.artifact_location
+def training_mlflow_run(pipeline_dir: str | Path) -> str | None:
+    """The MLflow run id of the training run that exported `pipeline_dir`, or None.
+
+    A trainer exports into `<output_dir>/runs/<run id>/pipeline` (`<output_dir>/pipeline` links
+    there), beside the run's run.json and checkpoints. The id is read from run.json when it
+    records one, else from the newest checkpoint's state.json. A folder that no training run
+    wrote (`mumu init`, a copy) gives None.
+    """
+    from .checkpoint import CheckpointManager, read_state
+    from .identity import RUN_FILE
+
+    run_dir = Path(pipeline_dir).resolve().parent
+    run_file = run_dir / RUN_FILE
+    if not run_file.is_file():
+        return None
+    try:
+        recorded = json.loads(run_file.read_text()).get("mlflow_run_id")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded:
+        return str(recorded)
+    for _, checkpoint in reversed(CheckpointManager(run_dir).complete()):
+        try:
+            found = read_state(checkpoint).get("mlflow_run_id")
+        except ValueError:
+            continue
+        if found:
+            return str(found)
+    return None
+
+
+def _artifact_location(uri: str) -> str | None:
     if uri.startswith("sqlite:///"):
         # Without one MLflow puts artifacts under ./mlruns of whatever the working directory is.
         return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
     return None
+
+
+def ensure_experiment(client, name: str, uri: str, artifact_location: str | None = None) -> str:
+    """The id of experiment `name`, created if missing; a new experiment of a sqlite store keeps
+    its artifacts in `mlartifacts/` beside the database unless `artifact_location` says where."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location or _artifact_location(uri))
+    except MlflowException:  # another process created it in between
+        return client.get_experiment_by_name(name).experiment_id
 
 
 class Tracker:
@@ -77,17 +149,7 @@ class Tracker:
             self.log_params(config.flat())
 
     def _experiment_id(self) -> str:
-        from mlflow.exceptions import MlflowException
-
-        found = self.client.get_experiment_by_name(self.config.experiment)
-        if found is not None:
-            return found.experiment_id
-        try:
-            return self.client.create_experiment(
-                self.config.experiment, artifact_location=_artifact_location(self.config, self.uri)
-            )
-        except MlflowException:  # another run created it in between
-            return self.client.get_experiment_by_name(self.config.experiment).experiment_id
+        return ensure_experiment(self.client, self.config.experiment, self.uri, self.config.artifact_location)
 
     # -- logging ----------------------------------------------------------------------------
 
