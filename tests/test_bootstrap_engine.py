@@ -29,7 +29,7 @@ BOOTSTRAP_ASSETS = [
 def _params(tmp_path: Path, root: Path) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(root=str(root), num_shards=8)
-    params["data"]["prompts"]["limit"] = 64
+    params["data"]["prompts"]["limit"] = 40
     params["data"]["content_style"]["styles_per_content"] = 1
     params["pretrained"]["scorer"]["steps"] = 3
     path = tmp_path / f"params_{root.name}.yaml"

@@ -69,6 +69,9 @@ def test_cancellation_kills_every_agents_process_group(tmp_path):
 
 
 def test_one_failed_agent_stops_the_others(tmp_path):
+    # Children inherit an ignored or blocked SIGTERM; then only the SIGKILL after the grace stops them.
+    assert signal.getsignal(signal.SIGTERM) != signal.SIG_IGN, "SIGTERM is ignored in the test process"
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, []), "SIGTERM is blocked in the test process"
     commands = [["bash", "-c", "echo broken; exit 3"], ["sleep", "300"]]
     codes = run_local(commands, env=dict(os.environ), cwd=str(tmp_path), log_dir=tmp_path / "logs")
     assert codes[0] == 3 and codes[1] == -signal.SIGTERM
