@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -146,13 +145,9 @@ class Daemon:
             raise BootstrapError(f"dagster-daemon exited with {self.process.returncode}; see {self.log_path}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        from .launchers import stop_process_groups
+
+        stop_process_groups([self.process], grace_s=30)
         self._log.close()
 
 

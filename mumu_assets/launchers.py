@@ -120,7 +120,7 @@ class SharedFileMessageReader(dg.PipesFileMessageReader):
 # -- local ----------------------------------------------------------------------------------------
 
 
-def _kill_groups(processes: Sequence[subprocess.Popen], grace_s: float = KILL_GRACE_S) -> None:
+def stop_process_groups(processes: Sequence[subprocess.Popen], grace_s: float = KILL_GRACE_S) -> None:
     """SIGTERM every process group still alive, then SIGKILL what remains after `grace_s`."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         alive = [p for p in processes if p.poll() is None]
@@ -175,11 +175,11 @@ def run_local(commands: Sequence[Sequence[str]], *, env: dict[str, str], cwd: st
             threads.append(thread)
         while any(p.poll() is None for p in processes):
             if any(p.returncode not in (None, 0) for p in processes):
-                _kill_groups(processes)
+                stop_process_groups(processes)
                 break
             time.sleep(poll_s)
     except BaseException:
-        _kill_groups(processes)
+        stop_process_groups(processes)
         raise
     finally:
         for thread in threads:
@@ -267,7 +267,7 @@ def submit_slurm(script: Path, *, env: dict[str, str], log_dir: Path,
     except BaseException:
         if job_id:
             subprocess.run([scancel, job_id], check=False)
-        _kill_groups([process])
+        stop_process_groups([process])
         raise
 
 

@@ -3,14 +3,14 @@ UIs as a user does, and the servers they drive, bound to 127.0.0.1."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
+
+from mumu_assets.launchers import stop_process_groups
 
 from .conftest import skip_without
 
@@ -94,11 +94,5 @@ class Server:
                 time.sleep(1)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_process_groups([self.process], grace_s=30)
         self._out.close()

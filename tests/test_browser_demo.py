@@ -62,6 +62,22 @@ def _wait(condition, timeout_s: float):
     return None
 
 
+def _generate(driver, page: str, text: str, image: Path) -> str | None:
+    """Open `page`, write `text`, put `image` in slot 1, click Generate; the output's source."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    driver.get(page)
+    prompt = _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#prompt textarea"), 60)
+    assert prompt, _text(driver)
+    prompt[0].send_keys(Keys.CONTROL, "a")
+    prompt[0].send_keys(text)
+    driver.find_element(By.CSS_SELECTOR, "#image1 input[type=file]").send_keys(str(image))
+    assert _wait(lambda: _uploaded(driver, "image1"), 30), _text(driver)
+    click_button(driver, "Generate")
+    return _wait(lambda: _output_source(driver), 120)
+
+
 def test_a_user_generates_in_the_browser_and_sees_errors(tmp_path, tiny_pipeline_dir):
     pytest.importorskip("gradio")
     from selenium.webdriver.common.by import By
@@ -78,22 +94,15 @@ def test_a_user_generates_in_the_browser_and_sees_errors(tmp_path, tiny_pipeline
     Image.new("RGB", (24, 24), (220, 20, 20)).save(red)
     bad.write_bytes(b"\x89PNG\r\n\x1a\nthis is not the rest of a PNG")
     try:
-        driver.get(f"http://127.0.0.1:{port}/")
-        prompt = _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#prompt textarea"), 60)
-        assert prompt, _text(driver)
-        prompt[0].send_keys(Keys.CONTROL, "a")
-        prompt[0].send_keys("a <image1> circle")
-        driver.find_element(By.CSS_SELECTOR, "#image1 input[type=file]").send_keys(str(red))
-        assert _wait(lambda: _uploaded(driver, "image1"), 30), _text(driver)
-        click_button(driver, "Generate")
-        first = _wait(lambda: _output_source(driver), 120)
+        first = _generate(driver, f"http://127.0.0.1:{port}/", "a <image1> circle", red)
         driver.save_screenshot(str(shots / "1_generated.png"))
         assert first, (tmp_path / "demo.log").read_text()[-3000:]
         gallery = driver.find_elements(By.CSS_SELECTOR, "#crops img")
         assert gallery, "the conditioning image is not shown beside the output"
 
-        prompt[0].send_keys(Keys.CONTROL, "a")
-        prompt[0].send_keys("a <image1> circle and a <image2> square")
+        prompt = driver.find_element(By.CSS_SELECTOR, "#prompt textarea")
+        prompt.send_keys(Keys.CONTROL, "a")
+        prompt.send_keys("a <image1> circle and a <image2> square")
         driver.find_element(By.CSS_SELECTOR, "#image2 input[type=file]").send_keys(str(bad))
         assert _wait(lambda: _uploaded(driver, "image2"), 30), _text(driver)
         click_button(driver, "Generate")
@@ -102,14 +111,7 @@ def test_a_user_generates_in_the_browser_and_sees_errors(tmp_path, tiny_pipeline
         assert error, _text(driver)
 
         # The app goes on serving: a new page generates again.
-        driver.get(f"http://127.0.0.1:{port}/")
-        prompt = _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#prompt textarea"), 60)
-        prompt[0].send_keys(Keys.CONTROL, "a")
-        prompt[0].send_keys("a <image1> square")
-        driver.find_element(By.CSS_SELECTOR, "#image1 input[type=file]").send_keys(str(red))
-        assert _wait(lambda: _uploaded(driver, "image1"), 30), _text(driver)
-        click_button(driver, "Generate")
-        again = _wait(lambda: _output_source(driver), 120)
+        again = _generate(driver, f"http://127.0.0.1:{port}/", "a <image1> square", red)
         driver.save_screenshot(str(shots / "3_served_again.png"))
         assert again, _text(driver)
         assert server.process.poll() is None  # still serving
