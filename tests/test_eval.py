@@ -331,7 +331,7 @@ def test_evaluate_a_loaded_pipeline_into_an_existing_mlflow_run(pipe, clip_dir, 
     assert run.data.metrics["small/clip_t"] == pytest.approx(result.suites["small"]["clip_t"])
 
 
-# -- the toy world's colour probe (SPEC §7) ------------------------------------------------
+# -- the toy world's colour probe -------------------------------------------------------
 
 GREY = (128, 128, 128)
 
