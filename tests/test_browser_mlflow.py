@@ -67,10 +67,9 @@ def test_a_user_finds_the_run_its_metrics_and_grid_in_mlflow_ui(tmp_path, tiny_p
                     env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, cwd=tmp_path,
                     log=tmp_path / "mlflow_ui.log")
     try:
-        experiment = result.experiment_id if hasattr(result, "experiment_id") else None
         from mlflow import MlflowClient
 
-        experiment = experiment or MlflowClient(tracking_uri=uri).get_run(result.run_id).info.experiment_id
+        experiment = MlflowClient(tracking_uri=uri).get_run(result.run_id).info.experiment_id
         base = f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs/{result.run_id}"
         driver.get(base)
         assert _wait_text(driver, result.run_id[:8]) or _wait_text(driver, "Metrics"), _body(driver)

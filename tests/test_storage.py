@@ -51,8 +51,7 @@ def test_a_url_root_holds_the_bytes_a_folder_root_holds(tmp_path):
     assert reader.publish(since=0) == []  # fetched files are not uploaded back
 
 
-def test_a_root_whose_package_is_missing_fails_the_step_naming_the_setting(tmp_path):
-    pytest.importorskip("dagster")
+def test_a_root_whose_package_is_missing_fails_naming_the_setting(tmp_path):
     try:
         import s3fs  # noqa: F401
         pytest.skip("s3fs is installed")
