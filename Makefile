@@ -34,8 +34,13 @@ demo: $(STAMP)
 	$(BIN)/dvc commit --force --quiet
 	$(BIN)/python -m mumu_assets.summary
 
+# Two test files at a time (pytest-xdist): most of the suite waits on servers, subprocesses and
+# torchrun agents, so one process leaves a second core idle. A file stays in one process, so its
+# module fixtures (the smoke toy graph, the bootstrap engine) run once. One OpenMP thread per
+# process, subprocesses included: two processes of two threads each on two cores wait on each
+# other's threads (a 30x slowdown was seen).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python bench/pipeline_overhead.py

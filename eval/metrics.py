@@ -143,6 +143,87 @@ def colour_chance() -> float:
     return 1.0 / len(PALETTE)
 
 
+# -- object probe --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObjectProbe:
+    colour_right: tuple[bool, ...]  # per expected object, in prompt order
+    shape_right: tuple[bool, ...]
+    found: int  # objects detected in the output, expected or not
+    shapes_found: str  # the detected objects' "colour shape", comma-joined ("" for none)
+
+    @property
+    def colour_accuracy(self) -> float:
+        return sum(self.colour_right) / len(self.colour_right)
+
+    @property
+    def shape_accuracy(self) -> float:
+        return sum(self.shape_right) / len(self.shape_right)
+
+    @property
+    def all_colours(self) -> bool:
+        return all(self.colour_right)
+
+    @property
+    def all_objects(self) -> bool:
+        return all(c and s for c, s in zip(self.colour_right, self.shape_right))
+
+    @property
+    def count_right(self) -> bool:
+        return self.found == len(self.colour_right)
+
+
+_TEMPLATES = None
+
+
+def _toy_templates():
+    global _TEMPLATES
+    if _TEMPLATES is None:
+        from mumu_model.toy.world import SHAPES, shape_mask
+
+        from .shapes import ShapeTemplates
+
+        _TEMPLATES = ShapeTemplates.from_renderer(SHAPES, shape_mask)
+    return _TEMPLATES
+
+
+def object_probe(image: Image.Image, objects: Sequence[tuple[str, str]]) -> ObjectProbe:
+    """Segment the flat objects of a toy-world output and match each expected (palette colour,
+    shape) object to one of them (`eval.shapes.match_objects`: one-to-one, by colour first).
+    An object is colour-right when its nearest palette colour is the expected one, shape-right
+    when its mask best fits the expected shape; a missing object is neither."""
+    from mumu_model.toy.world import PALETTE
+
+    from .shapes import match_objects, nearest_colour
+
+    if not objects:
+        raise ValueError("object_probe needs at least one expected (colour, shape) object")
+    expected = [(PALETTE[colour], shape) for colour, shape in objects]
+    result = match_objects(to_rgb(image), expected, _toy_templates(), palette=PALETTE)
+    found = ",".join(f"{nearest_colour(d.colour, PALETTE)} {d.shape}" for d in result.detected)
+    return ObjectProbe(tuple(m.colour_right for m in result.objects), tuple(m.shape_right for m in result.objects),
+                       len(result.detected), found)
+
+
+def shape_chance() -> float:
+    """The object probe's chance level for one object's shape: one shape in len(SHAPES)."""
+    from mumu_model.toy.world import SHAPES
+
+    return 1.0 / len(SHAPES)
+
+
+def wilson_interval(successes: float, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (95% for z = 1.96); (nan, nan) for no
+    trials. Better than the normal approximation near 0 and 1 and at small counts."""
+    if trials <= 0:
+        return math.nan, math.nan
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 # -- multimodal-prompt CLIP score ----------------------------------------------------------
 
 

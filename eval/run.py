@@ -13,7 +13,8 @@ Steps, in an order that fails fast and keeps one big model in memory at a time:
 3. If `models.sdxl` is set, the base SDXL generates the text-only entries with the same texts,
    seeds and sampler, for text adherence (CLIP-T of MUMU vs SDXL).
 4. Each image is scored; rows are aggregated per suite and over suites; images, grids (inputs
-   beside outputs), `rows.csv` and `summary.json` are written under `out_dir`, atomically.
+   beside outputs, one per suite, and `samples.png`, the first entries of every suite in small),
+   `rows.csv` and `summary.json` are written under `out_dir`, atomically.
 5. Metrics, params and artifacts go to MLflow (`{suite}/{metric}` and `aggregate/{metric}`). A
    new evaluation run is tagged `mumu.trained_by=<MLflow run id>` when the pipeline folder was
    exported by a training run (`mumu_model.training.tracking.training_mlflow_run`).
@@ -21,7 +22,11 @@ Steps, in an order that fails fast and keeps one big model in memory at a time:
 Metric columns of a row (one generated image): clip_t, clip_i, dino, pickscore, mm_clip
 (multimodal CLIP score), mm_objects / mm_found, face_sim / face_dist / face_found /
 face_total, colour_match (the toy world's colour probe, with colour_found, the colour(s) the
-probe saw, a string) and for text-only rows sdxl_clip_t. A metric whose model is not configured
+probe saw, a string), the toy world's object probe where objects name colour and shape
+(obj_colour and obj_shape: the share of the prompt's objects found in their crop's colour / with
+their shape, each matched one-to-one to a detected object; all_colours, all_objects: every
+object right; count_match: as many objects detected as asked for; n_objects; objects_found, a
+string) and for text-only rows sdxl_clip_t. A metric whose model is not configured
 is absent; a metric that does not apply to the row (no references, no faces, no coloured
 objects) is NaN. The `variant` column says which prompt made the image: "multimodal" (the
 entry's prompt) or "text_only" (the ablation, images removed).
@@ -30,7 +35,10 @@ Per suite (and aggregated), the multimodal rows give the metrics under their own
 ablation rows the same ones with a `_text_only` suffix (colour_match_text_only, clip_i_text_only,
 images_text_only, ...), except CLIP-T: `clip_t_text_only` already names MUMU's CLIP-T on the
 suite's text-only entries (against SDXL's), so the ablation's CLIP-T stays in the rows only.
-Where the colour probe applies, `colour_chance` is its chance level, 1 / len(PALETTE).
+Where the colour probe applies, `colour_chance` is its chance level, 1 / len(PALETTE), and
+where the object probe applies `shape_chance`, 1 / len(SHAPES). Every binomial rate comes with
+its 95% Wilson interval (`colour_match_ci_low`, `colour_match_ci_high`, ...), counting images
+(or objects) as independent trials: exact for one seed per entry, optimistic for several.
 """
 
 from __future__ import annotations
@@ -75,6 +83,9 @@ from .metrics import (
     colour_probe,
     dino_score,
     multimodal_clip_score,
+    object_probe,
+    shape_chance,
+    wilson_interval,
 )
 from .suites import EntryError, LoadedEntry, Suite, load_entry, load_suite, prompt_words
 
@@ -82,10 +93,17 @@ logger = logging.getLogger("mumu.eval")
 
 DEFAULT_EXPERIMENT = "mumu-eval"
 MLFLOW_BATCH = 100  # MLflow's limit on params / metrics per log_batch call
+SAMPLES_GRID = "samples.png"  # the first SAMPLES_PER_SUITE entries of every suite
+SAMPLES_PER_SUITE = 2
 
-# Metrics averaged over rows (NaN rows left out) and the counters summed over rows.
+# Metrics averaged over rows (NaN rows left out), and (COUNT_METRICS) the counters summed.
 MEAN_METRICS = ("clip_t", "clip_i", "dino", "pickscore", "mm_clip", "face_sim", "face_dist", "sdxl_clip_t",
-                "colour_match")
+                "colour_match", "obj_colour", "obj_shape", "all_colours", "all_objects", "count_match", "n_objects")
+# Binomial rates, reported with a 95% Wilson interval (`{name}_ci_low`, `{name}_ci_high`): rates
+# over objects (a row holds `n_objects` trials) and rates over images (one trial per row).
+PER_OBJECT_RATES = ("colour_match", "obj_colour", "obj_shape")
+PER_IMAGE_RATES = ("all_colours", "all_objects", "count_match")
+CI_SUFFIXES = ("_ci_low", "_ci_high")
 COUNT_METRICS = ("mm_objects", "mm_found", "face_total", "face_found")
 
 # The `variant` of a row: the entry's own prompt, or the text-only ablation of it.
@@ -95,6 +113,12 @@ ABLATION_SUFFIX = "_text_only"
 # Not summarized for the ablation: `clip_t_text_only` already means MUMU's CLIP-T on the
 # text-only entries (paired with SDXL's), and the ablation has no SDXL images.
 _NOT_ABLATED = ("clip_t", "sdxl_clip_t")
+
+
+def _is_interval(name: str) -> bool:
+    """An interval bound, of the multimodal rows or of the ablation's (`..._ci_low_text_only`):
+    bounds are per suite, never averaged over suites."""
+    return name.removesuffix(ABLATION_SUFFIX).endswith(CI_SUFFIXES)
 
 
 class PipelineFolderError(ValueError):
@@ -399,8 +423,9 @@ def evaluate(
             logger.exception("scoring %s/%s failed", item.entry.suite, item.entry.id)
             errors.append(EntryError(item.entry.suite, item.entry.id, f"scoring failed: {type(err).__name__}: {err}"))
     table = pd.DataFrame(rows)
-    if "colour_found" in table:  # a string column: "" (not NaN) where nothing was found or probed
-        table["colour_found"] = table["colour_found"].fillna("")
+    for column in ("colour_found", "objects_found"):  # strings: "" (not NaN) where nothing was found or probed
+        if column in table:
+            table[column] = table[column].fillna("")
     suite_metrics = {s.name: _summarize(table[table["suite"] == s.name] if len(table) else table) for s in loaded_suites}
     for suite in loaded_suites:
         suite_metrics[suite.name]["errors"] = float(sum(e.suite == suite.name for e in errors))
@@ -429,6 +454,11 @@ def evaluate(
             _save_png(out_dir, f"grids/{name}.png", grid)
         else:  # nothing generated: no grid, and none left from an earlier run into out_dir
             (out_dir / "grids" / f"{name}.png").unlink(missing_ok=True)
+    # The first entries of every suite in one small picture: what a reader of a report looks at.
+    samples = _suite_grid([g for s in loaded_suites for g in [g for g in generated if g.entry.suite == s.name]
+                           [:SAMPLES_PER_SUITE]], cell=64)
+    if samples is not None:
+        _save_png(out_dir, SAMPLES_GRID, samples)
     result = EvalResult(table, suite_metrics, aggregate, errors, settings, out_dir)
     write_bytes_atomic(out_dir / "rows.csv", table.to_csv(index=False).encode())
     _write_summary(result)
@@ -574,6 +604,16 @@ def _score(item: _Generated, scorers: _Scorers, errors: list[EntryError]) -> lis
         put("colour_match", [p.match for p in probes])
         for row, probe in zip(rows, probes):
             row["colour_found"] = probe.found
+            row["n_objects"] = len(entry.colours)
+    if entry.coloured_shapes:
+        found = [object_probe(image, entry.coloured_shapes) for image in images]
+        put("obj_colour", [p.colour_accuracy for p in found])
+        put("obj_shape", [p.shape_accuracy for p in found])
+        put("all_colours", [p.all_colours for p in found])
+        put("all_objects", [p.all_objects for p in found])
+        put("count_match", [p.count_right for p in found])
+        for row, probe in zip(rows, found):
+            row["objects_found"] = probe.shapes_found
     return rows
 
 
@@ -590,6 +630,8 @@ def _summarize(rows: pd.DataFrame) -> dict[str, float]:
                         if name not in _NOT_ABLATED})
     if "colour_match" in metrics or f"colour_match{ABLATION_SUFFIX}" in metrics:
         metrics["colour_chance"] = colour_chance()
+    if "obj_shape" in metrics:
+        metrics["shape_chance"] = shape_chance()
     return metrics
 
 
@@ -613,6 +655,12 @@ def _variant_metrics(rows: pd.DataFrame) -> dict[str, float]:
         metrics["mm_found_rate"] = metrics["mm_found"] / metrics["mm_objects"]
     if metrics.get("face_total"):
         metrics["face_found_rate"] = metrics["face_found"] / metrics["face_total"]
+    for name in (*PER_OBJECT_RATES, *PER_IMAGE_RATES):
+        if name in metrics:
+            scored = rows[rows[name].notna()]
+            trials = scored["n_objects"] if name in PER_OBJECT_RATES else pd.Series(1, index=scored.index)
+            low, high = wilson_interval(float((scored[name] * trials).sum()), int(trials.sum()))
+            metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = low, high
     # Text adherence: MUMU's CLIP-T against SDXL's on the same text-only prompts and seeds.
     if "sdxl_clip_t" in metrics:
         paired = rows[rows["sdxl_clip_t"].notna()]
@@ -631,7 +679,7 @@ def _aggregate(suites: dict[str, dict[str, float]], rows: pd.DataFrame) -> dict[
     names = {name for metrics in suites.values() for name in metrics}
     for name in sorted(names):
         values = [m[name] for m in suites.values() if name in m and not math.isnan(m[name])]
-        if not values or name in ("images", f"images{ABLATION_SUFFIX}", "errors"):
+        if not values or name in ("images", f"images{ABLATION_SUFFIX}", "errors") or _is_interval(name):
             continue
         counted = name.removesuffix(ABLATION_SUFFIX) in COUNT_METRICS
         aggregate[name] = float(sum(values)) if counted else float(np.mean(values))
@@ -641,6 +689,27 @@ def _aggregate(suites: dict[str, dict[str, float]], rows: pd.DataFrame) -> dict[
         if aggregate.get(f"face_total{suffix}"):
             aggregate[f"face_found_rate{suffix}"] = aggregate[f"face_found{suffix}"] / aggregate[f"face_total{suffix}"]
     return aggregate
+
+
+def headline(metrics: dict[str, float]) -> str:
+    """One suite's analytic figures in a line, each rate with its 95% interval: colour and shape
+    for one-object suites, all colours right and per-object colour for several objects; then
+    the text-only ablation's. "" for a suite without the probes."""
+
+    def rate(name: str) -> str:
+        value = metrics.get(name)
+        if value is None or math.isnan(value):
+            return ""
+        low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
+        return f"{value:.1%}" + (f" ({low:.0%}-{high:.0%})" if low is not None and high is not None else "")
+
+    if "colour_match" not in metrics:
+        return ""
+    several = metrics.get("n_objects", 1.0) > 1.0
+    shown = [("all colours", "all_colours"), ("per object", "obj_colour")] if several else \
+        [("colour", "colour_match"), ("shape", "obj_shape")]
+    shown.append(("text-only " + shown[0][0], f"{shown[0][1]}{ABLATION_SUFFIX}"))
+    return ", ".join(f"{label} {rate(name)}" for label, name in shown if rate(name))
 
 
 # -- files ---------------------------------------------------------------------------------

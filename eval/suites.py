@@ -19,7 +19,9 @@ captions leave the colour out, so only the conditioning crop can supply it):
         objects: [{image: 0007.png, phrase: circle, colour: red}]   # analytic colour probe
 
 `colour` must be a name in `mumu_model.toy.world.PALETTE`; entries with coloured objects get
-the `colour_match` metric (`eval.metrics.colour_probe`), which needs no model.
+the `colour_match` metric (`eval.metrics.colour_probe`), which needs no model. An object that
+also names its `shape` (one of `mumu_model.toy.world.SHAPES`) gets the object probe
+(`eval.metrics.object_probe`): shape, count, and each object matched to its crop.
 
 Loading is in two steps so that bad input costs one entry, not the run:
 - `load_suite(path)` reads the file. A problem with the file itself (not YAML, no version, no
@@ -47,7 +49,7 @@ SUITE_SUFFIXES = (".yaml", ".yml", ".json")
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _ENTRY_FIELDS = {"id", "prompt", "text", "objects", "references", "faces"}
-_OBJECT_FIELDS = {"image", "phrase", "box", "colour"}
+_OBJECT_FIELDS = {"image", "phrase", "box", "colour", "shape"}
 
 Box = tuple[float, float, float, float]
 
@@ -77,6 +79,7 @@ class SuiteObject:
     phrase: str  # what the detector looks for in the output
     box: Box | None = None  # optional region of `image` that is the object (x0, y0, x1, y1)
     colour: str | None = None  # palette colour the output should carry (the toy world's probe)
+    shape: str | None = None  # the shape the output should draw for it (with `colour`: object probe)
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,13 @@ class LoadedEntry:
     def colours(self) -> list[str]:
         """The colours the output should carry, one per object that names one (prompt order)."""
         return [o.colour for o in self.entry.objects if o.colour is not None]
+
+    @property
+    def coloured_shapes(self) -> list[tuple[str, str]]:
+        """(colour, shape) of every object that names both, in prompt order: what the object
+        probe matches in the output; empty unless every object names both."""
+        pairs = [(o.colour, o.shape) for o in self.entry.objects if o.colour is not None and o.shape is not None]
+        return pairs if len(pairs) == len(self.entry.objects) else []
 
 
 # -- finding suite files -------------------------------------------------------------------
@@ -270,7 +280,13 @@ def _parse_object(item: object, index: int) -> SuiteObject:
 
         if not isinstance(colour, str) or colour not in PALETTE:
             raise ValueError(f"objects[{index}]: unknown colour {colour!r} (known: {', '.join(PALETTE)})")
-    return SuiteObject(item["image"], item["phrase"].strip(), box, colour)
+    shape = item.get("shape")
+    if shape is not None:
+        from mumu_model.toy.world import SHAPES
+
+        if not isinstance(shape, str) or shape not in SHAPES:
+            raise ValueError(f"objects[{index}]: unknown shape {shape!r} (known: {', '.join(SHAPES)})")
+    return SuiteObject(item["image"], item["phrase"].strip(), box, colour, shape)
 
 
 def _suite_hash(raw: bytes, image_root: Path, entries: Sequence[SuiteEntry]) -> str:

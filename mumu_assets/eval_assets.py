@@ -9,6 +9,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
+from mumu_model.atomic import write_bytes_atomic
 from mumu_model.training.tracking import DEFAULT_TRACKING_URI
 
 from .metadata import preview
@@ -21,8 +22,9 @@ from .training_assets import stage1_model, stage2_model
 E = params(group="evaluation") or {}
 PROFILE = params(group="profile")
 BUILTIN_SUITES = [str(p.relative_to(REPO_ROOT)) for p in sorted((REPO_ROOT / "eval" / "suites").glob("*.yaml"))]
-# Surfaced on their own in the asset's metadata: the toy world's proof that the images matter.
-COLOUR_METRICS = ("colour_match", "colour_match_text_only", "colour_chance")
+# The analytic probes' figures, surfaced per suite in the asset's metadata (with their intervals
+# and text-only ablations): the toy world's proof that the images matter.
+PROBE_METRICS = ("colour_match", "obj_colour", "obj_shape", "all_colours", "all_objects", "count_match")
 
 
 class EvalModelsResource(dg.ConfigurableResource):
@@ -77,7 +79,7 @@ def evaluation(
 ) -> dg.MaterializeResult:
     """DreamBench metrics, multimodal CLIP score, PickScore, face consistency and text adherence
     per suite; a summary table and grids here, the same in MLflow for `mumu eval compare`."""
-    from eval.run import evaluate
+    from eval.run import SAMPLES_GRID, evaluate, headline
     from mumu_model.cli import resolve_device_dtype
     from mumu_model.training.tracking import project_tracking_uri
 
@@ -95,11 +97,11 @@ def evaluation(
         text_only_ablation=config.text_only_ablation, batch_size=config.batch_size, device=device, dtype=dtype,
     )
     # The latest scores at a fixed path: DVC's metrics file (`dvc metrics show / diff`).
-    from mumu_model.atomic import write_bytes_atomic
-
     write_bytes_atomic(storage.path("evaluation.json"), (Path(result.out_dir) / "summary.json").read_bytes())
     summary = pd.DataFrame(result.suites).T
     summary.loc["aggregate"] = pd.Series(result.aggregate)
+    # Intervals are in `headline` and the per-suite entries; the table keeps the rates readable.
+    summary = summary[[c for c in summary.columns if "_ci_" not in c]]
     metadata = {
         "summary": dg.MetadataValue.md(summary.round(4).to_markdown()),
         "errors": dg.MetadataValue.int(len(result.errors)),
@@ -116,9 +118,16 @@ def evaluation(
     for name, value in result.aggregate.items():
         if isinstance(value, (int, float)):
             metadata[f"aggregate/{name}"] = dg.MetadataValue.float(float(value))
-    for name in COLOUR_METRICS:
-        if name in result.aggregate:
-            metadata[name] = dg.MetadataValue.float(float(result.aggregate[name]))
+    lines = {suite: headline(metrics) for suite, metrics in result.suites.items()}
+    lines = {suite: line for suite, line in lines.items() if line}
+    if lines:  # the analytic probes' figures per suite, each rate with its 95% interval
+        metadata["headline"] = dg.MetadataValue.text("; ".join(f"{suite}: {line}" for suite, line in lines.items()))
+        for suite in lines:
+            for name, value in result.suites[suite].items():
+                if name.removesuffix("_text_only").split("_ci_")[0] in PROBE_METRICS:
+                    metadata[f"{suite}/{name}"] = dg.MetadataValue.float(float(value))
+    if (Path(result.out_dir) / SAMPLES_GRID).is_file():  # the first entries of every suite, small
+        metadata["samples"] = dg.MetadataValue.path(str(Path(result.out_dir) / SAMPLES_GRID))
     if config.register_model and result.run_id:
         metadata.update(_register(context, config, result))
     return dg.MaterializeResult(metadata=metadata)

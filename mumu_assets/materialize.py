@@ -211,10 +211,8 @@ def key_figures(metadata: dict) -> list[str]:
         figures.append(f"held-out PSNR {metadata['psnr_heldout']:.2f} dB")
     if "heldout_top1" in metadata:  # the toy CLIP
         figures.append(f"held-out top-1 {metadata['heldout_top1']:.3f}")
-    if "colour_match" in metadata:  # the toy evaluation's probe
-        figures.append(f"colour match {metadata['colour_match']:.1%}")
-        if "colour_match_text_only" in metadata:
-            figures.append(f"text-only {metadata['colour_match_text_only']:.1%}")
+    if "headline" in metadata:  # the toy evaluation's analytic probes, per suite
+        figures.append(str(metadata["headline"]))
     else:
         for name in ("dino", "clip_i", "clip_t"):  # DreamBench's
             if f"aggregate/{name}" in metadata:

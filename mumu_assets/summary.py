@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from mumu_model.atomic import write_bytes_atomic
 from mumu_model.data.scoring import defect_stats
 
 from .params import REPO_ROOT, params
@@ -55,16 +56,12 @@ def main() -> int:
         return 1
 
     print("\n== What the model learned (evaluation asset) ==")
-    colour = evaluation.get("aggregate/colour_match")
-    if colour is not None:
-        ablation = evaluation.get("aggregate/colour_match_text_only")
-        chance = evaluation.get("aggregate/colour_chance")
-        print(f"colour of the generated object = colour of its crop: {colour:.1%}"
-              f"  (held-out crops from other renders, colour word left out)")
-        if ablation is not None:
-            print(f"same prompts without the crops (text-only ablation):  {ablation:.1%}")
-        if chance is not None:
-            print(f"chance (1 / number of colours):                        {chance:.1%}")
+    headline = evaluation.get("headline")
+    if headline:
+        print("Analytic probes of the outputs per test suite, 95% intervals in brackets (chance: colour 12.5%,")
+        print("shape 16.7%); `text-only` is the same prompts with their crops removed:")
+        for part in str(headline).split("; "):
+            print(f"  {part}")
     for name in ("clip_i", "clip_t", "pickscore"):
         value = evaluation.get(f"aggregate/{name}")
         if value is not None:
@@ -78,9 +75,14 @@ def main() -> int:
         print(f"{defects['defective']} of {defects['images']} images wrong; filter rejected {defects['rejected']}, "
               f"of which {defects['caught']} wrong: precision {precision}, recall {defects['recall']:.1%}")
 
-    grid = evaluation.get("grid")
+    grid = evaluation.get("samples") or evaluation.get("grid")
     if grid:
-        print(f"\nsample grid (crop | multimodal output | text-only output): {grid}")
+        print(f"\nsample grid (crops | multimodal output | text-only output): {grid}")
+    published = params(group="evaluation").get("samples_image")
+    if published and evaluation.get("samples") and Path(evaluation["samples"]).is_file():
+        # The README's picture: the main job's latest samples, at a fixed path in the repository.
+        write_bytes_atomic(REPO_ROOT / published, Path(evaluation["samples"]).read_bytes())
+        print(f"copied to {published}")
     mlflow_db = REPO_ROOT / "runs" / "mlflow.db"
     print("\n== Look around ==")
     print(f"dagster dev -m mumu_assets.definitions -h 127.0.0.1 -p 3000     (DAGSTER_HOME={os.environ['DAGSTER_HOME']})")

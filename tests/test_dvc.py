@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from mumu_model.data.versioning import dvc_hash
-from mumu_model.toy.world import write_colour_suite
+from mumu_model.toy.suites import KINDS, write_suites
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -103,7 +103,7 @@ def _smoke_params() -> dict:
                             "scorer": {"steps": 3, "batch_size": 8, "lr": 2.0e-3}}
     params["training"].update(stage1_config="configs/train_stage1_smoke.yaml",
                               stage2_config="configs/train_stage2_smoke.yaml")
-    params["evaluation"].update(suites=["eval/suites/toy/toy_colours.yaml"], steps=2, seeds=[0], batch_size=8)
+    params["evaluation"].update(suites=params["evaluation"]["suites"][:2], steps=2, seeds=[0], batch_size=8)
     return params
 
 
@@ -124,9 +124,10 @@ def toy_project(tmp_path):
     # shadow the installed package, and what DVC hashes is what runs (and what the clone gets).
     for package in ("mumu_model", "mumu_assets", "eval"):
         shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
-    # An 8-prompt colour suite in place of the 120-prompt one (also the trainer's validation images).
+    # 4-prompt suites in place of the real ones (the validation split holds the trainer's images).
     shutil.rmtree(root / "eval" / "suites" / "toy")
-    write_colour_suite(root / "eval" / "suites" / "toy", count=8)
+    for split in ("validation", "test"):
+        write_suites(root / "eval" / "suites" / "toy", split, counts=dict.fromkeys(KINDS, 4))
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

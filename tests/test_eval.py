@@ -5,6 +5,7 @@ the dlib face models are the real ones shipped in `face-recognition-models`.
 """
 
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -18,8 +19,9 @@ from PIL import Image, ImageDraw
 from eval.faces import ArcFaceEmbedder, face_similarity, load_face_embedder
 from eval.metrics import (
     ClipEmbedder, DinoEmbedder, clip_i, clip_t, colour_chance, colour_probe, dino_score, multimodal_clip_score,
+    object_probe, shape_chance, wilson_interval,
 )
-from eval.run import EvalModels, PipelineFolderError, check_pipeline_folder, evaluate
+from eval.run import EvalModels, PipelineFolderError, check_pipeline_folder, evaluate, headline
 from eval.suites import SuiteError, builtin_suites, load_entry, load_suite
 from mumu_model.data.detection import AnnotationsDetector
 from mumu_model.data.tiny_models import tiny_clip, tiny_dino, tiny_grounding_dino, tiny_sdxl_pipeline
@@ -360,7 +362,8 @@ def colour_suite(root: Path) -> Path:
         "  - id: one\n    prompt: 'a <img:red.png> circle, dotted style'\n"
         "    objects: [{image: red.png, phrase: circle, colour: red}]\n    references: [red.png]\n"
         "  - id: two\n    prompt: 'a <img:red.png> circle and a <img:blue.png> circle'\n"
-        "    objects: [{image: red.png, phrase: circle, colour: red}, {image: blue.png, phrase: circle, colour: blue}]\n"
+        "    objects: [{image: red.png, phrase: circle, colour: red, shape: circle},"
+        " {image: blue.png, phrase: circle, colour: blue, shape: circle}]\n"
         "  - id: words\n    prompt: 'a circle'\n"
     )
     return path
@@ -374,14 +377,19 @@ def test_colour_entries_parse_and_unknown_colours_are_entry_errors(tmp_path):
             "    objects: [{image: red.png, phrase: circle, colour: mauve}]\n"
             "  - id: listed\n    prompt: 'a <img:red.png> circle'\n"
             "    objects: [{image: red.png, phrase: circle, colour: [red]}]\n"
+            "  - id: blob\n    prompt: 'a <img:red.png> blob'\n"
+            "    objects: [{image: red.png, phrase: blob, colour: red, shape: blob}]\n"
         )
     suite = load_suite(path)
     assert [e.id for e in suite.entries] == ["one", "two", "words"]
     assert [o.colour for o in suite.entries[1].objects] == ["red", "blue"]
-    assert [e.entry for e in suite.errors] == ["mauve", "listed"]
+    assert [e.entry for e in suite.errors] == ["mauve", "listed", "blob"]
+    assert "unknown shape 'blob'" in str(suite.errors[2])
     assert "unknown colour 'mauve'" in str(suite.errors[0]) and str(suite.errors[0]).startswith("colours/mauve:")
     loaded = [load_entry(suite, e, max_images=4) for e in suite.entries]
     assert [e.colours for e in loaded] == [["red"], ["red", "blue"], []]
+    # The object probe needs colour and shape on every object of the entry.
+    assert [e.coloured_shapes for e in loaded] == [[], [("red", "circle"), ("blue", "circle")], []]
 
 
 def test_colour_probe_on_drawn_images():
@@ -399,6 +407,45 @@ def test_colour_probe_on_drawn_images():
     assert colour_probe(both, ["red", "blue"]).found == "red,blue"  # most patches first
     assert colour_probe(grey_noise(1), ["red", "blue"]).match == 0.0
     assert colour_chance() == pytest.approx(1 / 8)
+
+
+def test_object_probe_matches_each_object_to_its_crop():
+    from mumu_model.toy.world import ObjectSpec, Scene, render_scene
+
+    scene = Scene((ObjectSpec("star", "red"), ObjectSpec("square", "blue"), ObjectSpec("cross", "yellow")), "plain")
+    image, _ = render_scene(scene, np.random.default_rng(3))
+    probe = object_probe(image, [("blue", "square"), ("red", "star"), ("yellow", "cross")])
+    assert probe.all_objects and probe.count_right and probe.found == 3
+    assert set(probe.shapes_found.split(",")) == {"red star", "blue square", "yellow cross"}
+    # A colour that is not there: that object is wrong, the others still match their own.
+    wrong = object_probe(image, [("green", "square"), ("red", "star")])
+    assert wrong.colour_right == (False, True) and wrong.shape_right[1]
+    assert not wrong.all_colours and wrong.colour_accuracy == 0.5 and not wrong.count_right
+    # Right colour, wrong shape.
+    assert object_probe(image, [("red", "circle")]).colour_right == (True,)
+    assert object_probe(image, [("red", "circle")]).shape_right == (False,)
+    empty = object_probe(Image.new("RGB", (32, 32), (200, 200, 200)), [("red", "star")])
+    assert (empty.found, empty.all_colours, empty.shape_accuracy) == (0, False, 0.0)
+    with pytest.raises(ValueError, match="at least one"):
+        object_probe(image, [])
+    assert shape_chance() == pytest.approx(1 / 6)
+
+
+def test_wilson_interval_and_headline():
+    from scipy.stats import binomtest
+
+    for hits, trials in ((86, 120), (3, 24), (60, 60)):
+        reference = binomtest(hits, trials).proportion_ci(method="wilson")
+        assert wilson_interval(hits, trials) == pytest.approx((reference.low, reference.high), abs=1e-5)
+    assert wilson_interval(0, 10)[0] == 0.0 and 0.0 < wilson_interval(0, 10)[1] < 0.31
+    assert wilson_interval(10, 10)[1] == 1.0
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+    one = {"colour_match": 0.85, "colour_match_ci_low": 0.78, "colour_match_ci_high": 0.9, "obj_shape": 0.6,
+           "colour_match_text_only": 0.1, "n_objects": 1.0}
+    assert headline(one) == "colour 85.0% (78%-90%), shape 60.0%, text-only colour 10.0%"
+    two = {"colour_match": 0.7, "all_colours": 0.5, "obj_colour": 0.65, "all_colours_text_only": 0.02, "n_objects": 2.0}
+    assert headline(two) == "all colours 50.0%, per object 65.0%, text-only all colours 2.0%"
+    assert headline({"clip_t": 0.3}) == ""
 
 
 # -- the text-only ablation, end to end ----------------------------------------------------
@@ -425,12 +472,23 @@ def test_evaluate_with_text_only_ablation(tiny_pipeline_dir, clip_dir, tracking_
     assert coloured.clip_i[coloured.entry == "one"].notna().all()  # the ablation is scored like the rest
     assert all((tmp_path / "out" / p).is_file() for p in rows.image)
     assert (tmp_path / "out" / "images_text_only/colours/one/seed1.png").is_file()
+    # The object probe scores the entry whose objects name colour and shape, and only it.
+    probed = rows[rows.entry == "two"]
+    assert probed.obj_colour.between(0, 1).all() and probed.count_match.isin([0.0, 1.0]).all()
+    assert rows[rows.entry != "two"].obj_shape.isna().all() and (probed.n_objects == 2).all()
 
     metrics = result.suites["colours"]
     assert 0.0 <= metrics["colour_match"] <= 1.0 and 0.0 <= metrics["colour_match_text_only"] <= 1.0
     assert -1.0 <= metrics["clip_i_text_only"] <= 1.0  # a cosine
     assert metrics["colour_chance"] == pytest.approx(1 / 8)
     assert (metrics["images"], metrics["images_text_only"]) == (6, 4)
+    # Binomial intervals around the rates; colour_match counts objects (1 + 2 per seed).
+    multimodal = coloured[coloured.variant == "multimodal"]
+    hits = float((multimodal.colour_match * multimodal.n_objects).sum())
+    assert (metrics["colour_match_ci_low"], metrics["colour_match_ci_high"]) == pytest.approx(wilson_interval(hits, 6))
+    assert metrics["all_colours_ci_low"] <= metrics["all_colours"] <= metrics["all_colours_ci_high"]
+    assert metrics["shape_chance"] == pytest.approx(1 / 6)
+    assert not any("_ci_" in name for name in result.aggregate)  # intervals are per suite
     assert "clip_t_text_only" not in metrics  # that name is text adherence's (with SDXL), not the ablation's
     expected = coloured[coloured.variant == "text_only"].colour_match.mean()
     assert metrics["colour_match_text_only"] == pytest.approx(expected)
@@ -444,6 +502,8 @@ def test_evaluate_with_text_only_ablation(tiny_pipeline_dir, clip_dir, tracking_
     assert summary["suites"]["colours"]["colour_chance"] == pytest.approx(1 / 8)
     with Image.open(tmp_path / "out" / "grids" / "colours.png") as grid:
         assert grid.width == (2 + 1 + 2 + 1 + 2) * 128  # inputs, gap, outputs, gap, ablation
+    with Image.open(tmp_path / "out" / "samples.png") as samples:  # the first 2 entries, small
+        assert samples.size == ((2 + 1 + 2 + 1 + 2) * 64, 2 * (64 + 14))
 
     run = MlflowClient(tracking_uri=uri).get_run(result.run_id)
     for name in ("colours/colour_match", "colours/colour_match_text_only", "colours/colour_chance",

@@ -54,7 +54,7 @@ def _reload_with_params(monkeypatch, path: Path, values: dict):
     return importlib.reload(eval_assets)
 
 
-def test_evaluation_defaults_come_from_params_and_colour_metrics_surface(tiny_pipeline_dir, tmp_path, tracking_uri,
+def test_evaluation_defaults_come_from_params_and_probe_figures_surface(tiny_pipeline_dir, tmp_path, tracking_uri,
                                                                          monkeypatch):
     (tmp_path / "images").mkdir()
     Image.new("RGB", (16, 16), (220, 30, 30)).save(tmp_path / "images" / "red.png")
@@ -86,10 +86,12 @@ def test_evaluation_defaults_come_from_params_and_colour_metrics_surface(tiny_pi
     assert result.success
     [event] = result.get_asset_materialization_events()
     metadata = {k: v.value for k, v in event.materialization.metadata.items()}
-    for name in ("colour_match", "colour_match_text_only", "colour_chance"):
-        assert isinstance(metadata[name], float) and 0.0 <= metadata[name] <= 1.0, name
-    assert metadata["colour_chance"] == pytest.approx(1 / 8)
+    for name in ("colour_match", "colour_match_text_only", "colour_match_ci_low", "colour_match_ci_high"):
+        assert isinstance(metadata[f"colours/{name}"], float) and 0.0 <= metadata[f"colours/{name}"] <= 1.0, name
+    assert metadata["aggregate/colour_chance"] == pytest.approx(1 / 8)
+    assert metadata["headline"].startswith("colours: colour ") and "text-only colour" in metadata["headline"]
     assert "colour_match_text_only" in metadata["summary"]
+    assert Path(metadata["samples"]).is_file()  # the first entries of every suite, small
 
 
 class _Stop(Exception):

@@ -66,6 +66,6 @@ def test_key_figures_of_training_and_evaluation():
     assert key_figures({"rows_in": 10, "rows_out": 8, "failed_rows": 2, "skipped": 0}) == [
         "rows 10 -> 8", "failed rows 2"]
     assert key_figures({"final_loss": 0.12345, "steps": 800}) == ["final loss 0.1235", "steps 800"]
-    assert key_figures({"colour_match": 0.717, "colour_match_text_only": 0.092, "errors": 0}) == [
-        "colour match 71.7%", "text-only 9.2%"]
+    assert key_figures({"headline": "test_one: colour 71.7% (63%-79%)", "aggregate/clip_i": 0.5, "errors": 0}) == [
+        "test_one: colour 71.7% (63%-79%)"]
     assert key_figures({"aggregate/clip_i": 0.8, "aggregate/clip_t": 0.3}) == ["clip_i 0.8000", "clip_t 0.3000"]

@@ -15,13 +15,16 @@ import pytest
 from mumu_assets.definitions import build_definitions
 from mumu_assets.materialize import all_assets, materialize
 from mumu_assets.profiles import toy_resources
-from mumu_model.toy.world import PALETTE, write_colour_suite
+from mumu_model.toy.suites import write_suite
+from mumu_model.toy.world import PALETTE
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _smoke_config(tmp_path: Path, data: Path) -> dict:
-    runs, suite = tmp_path / "runs", write_colour_suite(tmp_path / "suite", count=8)
+    runs = tmp_path / "runs"
+    suites = [str(write_suite(tmp_path / "suites", kind, name=f"smoke_{kind}", count=4, seed=1))
+              for kind in ("one", "two")]
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     training = [
         "max_steps=2", "batch_size=4", "warmup_steps=1", "checkpoint_every=2", "log_every=1",
@@ -35,7 +38,7 @@ def _smoke_config(tmp_path: Path, data: Path) -> dict:
         "scorer_model": {"steps": 3, "batch_size": 8},
         "stage1_model": {"output_root": str(runs), "overrides": training},
         "stage2_model": {"output_root": str(runs), "overrides": training},
-        "evaluation": {"pipeline": str(runs / "stage2" / "pipeline"), "suites": [str(suite)], "steps": 2,
+        "evaluation": {"pipeline": str(runs / "stage2" / "pipeline"), "suites": suites, "steps": 2,
                        "seeds": [0], "text_only_ablation": True, "tracking_uri": tracking},
     }
 
@@ -142,10 +145,13 @@ def test_pretrained_and_training_metadata(toy_run):
         assert (tmp_path / "runs" / f"stage{stage}" / "pipeline" / "model_index.json").is_file()
 
 
-def test_evaluation_reports_the_colour_probe_and_its_ablation(toy_run):
+def test_evaluation_reports_the_probes_per_suite_with_intervals_and_ablations(toy_run):
     _, instance, _, _ = toy_run
     meta = _latest(instance, "evaluation")
     assert meta["errors"] == 0
-    assert 0.0 <= meta["colour_match"] <= 1.0 and 0.0 <= meta["colour_match_text_only"] <= 1.0
-    assert meta["colour_chance"] == pytest.approx(1 / 8)
-    assert Path(meta["grid"]).is_file()
+    for suite in ("smoke_one", "smoke_two"):
+        for name in ("colour_match", "colour_match_text_only", "all_colours", "obj_shape", "count_match"):
+            assert 0.0 <= meta[f"{suite}/{name}"] <= 1.0, name
+        assert meta[f"{suite}/colour_match_ci_low"] <= meta[f"{suite}/colour_match"] <= meta[f"{suite}/colour_match_ci_high"]
+    assert meta["headline"].startswith("smoke_one: colour ") and "; smoke_two: all colours " in meta["headline"]
+    assert Path(meta["grid"]).is_file() and Path(meta["samples"]).is_file()

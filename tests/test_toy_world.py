@@ -27,7 +27,6 @@ from mumu_model.toy.world import (
     make_prompts,
     parse_prompt,
     render_scene,
-    write_colour_suite,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -321,51 +320,3 @@ def test_probe_accepts_other_modes_and_sizes():
     assert dominant_colour(dots) is None
     dots[5:7, 5:7] = PALETTE["green"]
     assert dominant_colour(dots) is None and dominant_colour(dots, min_patches=1) == "green"
-
-
-# -- held-out suite ------------------------------------------------------------------------
-
-
-def test_committed_suite_is_reproducible_and_balanced(tmp_path):
-    committed = REPO / "eval" / "suites" / "toy"
-    fresh = write_colour_suite(tmp_path)
-    assert fresh == tmp_path / "toy_colours.yaml"
-    assert fresh.read_bytes() == (committed / "toy_colours.yaml").read_bytes()
-    names = sorted(p.name for p in (committed / "images").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "images").iterdir())
-    for name in names:
-        assert (committed / "images" / name).read_bytes() == (tmp_path / "images" / name).read_bytes()
-
-    suite = yaml.safe_load(fresh.read_text())
-    assert (suite["name"], suite["version"], suite["image_root"]) == ("toy_colours", 2, "images")
-    entries = suite["entries"]
-    assert len(entries) == len(names) == 120
-    assert len({entry["id"] for entry in entries}) == 120
-    assert Counter(e["objects"][0]["colour"] for e in entries) == {c: 15 for c in PALETTE}
-    assert Counter(e["objects"][0]["phrase"] for e in entries) == {s: 20 for s in SHAPES}
-    for entry in entries:
-        (obj,) = entry["objects"]
-        assert entry["references"] == [obj["image"]]
-        assert entry["prompt"] == f"a <img:{obj['image']}> {obj['phrase']}, {entry['text'].split(', ')[1]}"
-        scene = parse_prompt(entry["text"])
-        assert scene.objects == (ObjectSpec(obj["phrase"]),) and scene.background in BACKGROUNDS
-        crop = Image.open(tmp_path / "images" / obj["image"])
-        assert crop.mode == "RGB" and max(crop.size) <= 20
-        assert dominant_colour(crop) == obj["colour"]
-
-
-def test_suite_prompts_load_as_multimodal_prompts():
-    from mumu_model.prompt import MultimodalPrompt
-
-    suite_dir = REPO / "eval" / "suites" / "toy"
-    entries = yaml.safe_load((suite_dir / "toy_colours.yaml").read_text())["entries"]
-    for entry in entries[:10]:
-        prompt = MultimodalPrompt.from_text(entry["prompt"], suite_dir / "images")
-        assert len(prompt.images) == 1
-
-
-def test_suite_balances_other_counts(tmp_path):
-    path = write_colour_suite(tmp_path, count=16, seed=10_001)
-    entries = yaml.safe_load(path.read_text())["entries"]
-    assert Counter(e["objects"][0]["colour"] for e in entries) == {c: 2 for c in PALETTE}
-    assert max(Counter(e["objects"][0]["phrase"] for e in entries).values()) == 3

@@ -184,6 +184,30 @@ def test_each_augmentation(shards):
     assert 0.04 < deviation.std() < 0.06
 
 
+def test_chosen_augmentations_margin_scale_jitter():
+    image = Image.new("RGB", (20, 16), (210, 10, 10))
+    rng = random.Random(2)
+    seen: dict[str, list[Image.Image]] = {}
+    for _ in range(60):
+        out, kind = augment_image(image, rng, ("margin", "scale", "jitter"))
+        seen.setdefault(kind, []).append(out)
+    assert set(seen) == {"margin", "scale", "jitter"}  # only the kinds asked for
+    for out in seen["margin"]:
+        pixels = np.asarray(out)
+        pad = (out.width - 20) // 2
+        assert out.size == (20 + 2 * pad, 16 + 2 * pad) and pad >= 1
+        assert (pixels[pad:pad + 16, pad:pad + 20] == (210, 10, 10)).all()  # the object, untouched
+        corner = pixels[0, 0]
+        assert corner[0] == corner[1] == corner[2]  # a plain grey background
+    for out in seen["scale"]:
+        assert 0.4 * 20 - 1 <= out.width <= 0.9 * 20 + 1 and out.width < 20
+    for out in seen["jitter"]:
+        shift = np.asarray(out, dtype=np.int16)[0, 0] - (210, 10, 10)
+        assert np.abs(shift).max() <= 15 and (np.asarray(out) == np.asarray(out)[0, 0]).all()
+    with pytest.raises(ValueError, match=r"unknown \['sepia'\]"):
+        DataConfig(shards=("x.tar",), augmentations=("crop", "sepia"))
+
+
 def test_decisions_depend_only_on_seed_epoch_key(shards):
     config = _config(shards, conditioning_dropout=0.3, augment_probability=0.5, seed=5)
     single = {(s.epoch, s.key): s for s in islice(ShardStream(config), 24)}
@@ -673,3 +697,45 @@ def test_latent_cache(shards, pipe, tmp_path, monkeypatch):
     recomputed = reader.get_batch([s.key for s in samples], pixels)  # a batch of 3: not bitwise the 1 + 2 above
     torch.testing.assert_close(recomputed, batch, atol=1e-5, rtol=1e-4)
     assert reader.misses == 3 and torch.equal(reader.get_batch([s.key for s in samples], pixels), recomputed)
+
+
+def test_shard_weights_mix_sources_per_epoch_and_resume(shards):
+    from collections import Counter
+
+    folder = shards.rsplit("/", 1)[0]
+    # Shard 00000 twice per epoch, shard 00001 about half the time; a4 and b0 are bad (skipped).
+    config = DataConfig(shards=(f"{folder}/00000.tar", f"{folder}/00001.tar"), shard_weights=(2, 0.5),
+                        resolution=RES, conditioning_dropout=0.0, augment_probability=0.0)
+    stream = ShardStream(config)
+    epochs: dict[int, Counter] = {}
+    for sample in islice(stream, 200):
+        epochs.setdefault(sample.epoch, Counter())[sample.key] += 1
+    full = [epochs[e] for e in sorted(epochs)[:-1]]  # the last epoch may be cut short
+    assert len(full) >= 10
+    for counts in full:
+        assert all(counts[k] == 2 for k in ("a0", "a1", "a2", "a3"))
+        assert all(counts[k] <= 1 for k in ("b1", "b2", "b3", "b4"))
+    visits = sum(sum(counts[k] for k in ("b1", "b2", "b3", "b4")) for counts in full) / (4 * len(full))
+    assert 0.3 < visits < 0.7  # about half of the epochs
+
+    # The same stream again, and a fresh one resumed mid-epoch from a state, continue alike.
+    again = ShardStream(config)
+    first = list(islice(again, 13))
+    state = again.state_dict()
+    assert state["shard_weights"] == [2.0, 0.5]
+    rest = list(islice(again, 20))
+    resumed = ShardStream(config)
+    resumed.load_state_dict(state)
+    assert [s.key for s in islice(resumed, 20)] == [s.key for s in rest]
+    assert [s.key for s in first] == [s.key for s in islice(ShardStream(config), 13)]
+
+    # Another weighting names other samples: its state is refused, and so is resharding it.
+    other = ShardStream(DataConfig(shards=config.shards, shard_weights=(1, 1), resolution=RES))
+    with pytest.raises(ValueError, match="shard_weights"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"resume it with 1 process"):
+        reshard_states([state], 0, 2)
+    with pytest.raises(ValueError, match="2 weights for 1 shard patterns"):
+        DataConfig(shards=(shards,), shard_weights=(1, 2))
+    with pytest.raises(ValueError, match="not all 0"):
+        DataConfig(shards=config.shards, shard_weights=(0, 0))

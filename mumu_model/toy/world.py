@@ -13,7 +13,7 @@ point of the world: when the caption says "a circle" and the multimodal prompt i
 of a red circle before the word, the only place the model can learn "red" from is the crop.
 Whether a trained model carries the crop's colour into its output is then a measurable,
 model-free proof that multimodal conditioning works end to end (`colour_counts`,
-`dominant_colour`, and the held-out suite from `write_colour_suite`).
+`dominant_colour`, and the held-out suites of `mumu_model.toy.suites`).
 
 Design choices that the rest of the pipeline relies on:
 
@@ -31,14 +31,13 @@ Design choices that the rest of the pipeline relies on:
 Command line::
 
     python -m mumu_model.toy.world prompts --count 3000 --seed 0 --out examples/prompts/toy_prompts.txt
-    python -m mumu_model.toy.world suite --out eval/suites/toy --count 120
+    python -m mumu_model.toy.suites --out eval/suites/toy
 """
 
 from __future__ import annotations
 
 import argparse
 import colorsys
-import io
 import math
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -46,10 +45,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import yaml
 from PIL import Image
 
-from mumu_model.atomic import atomic_dir, write_bytes_atomic
+from mumu_model.atomic import write_bytes_atomic
 from mumu_model.data.report import Skipped
 from mumu_model.data.rows import row_id, row_problem
 
@@ -525,75 +523,6 @@ def dominant_colour(image: Image.Image | np.ndarray, *, min_patches: int = 2,
     return best if counts[best] >= min_patches else None
 
 
-# -- the held-out colour suite -------------------------------------------------------------
-
-SUITE_NAME = "toy_colours"
-SUITE_VERSION = 2  # 2: objects of 10-20 px (were 7-17)
-
-
-def write_colour_suite(out_dir: str | Path, *, count: int = 120, seed: int = 10_000, size: int = 32) -> Path:
-    """Write the colour-transfer evaluation suite: `out_dir/toy_colours.yaml` and
-    `out_dir/images/NNNN.png`. Returns the YAML path.
-
-    Entry i asks for one shape, colour omitted, on a random background, with the tight crop of
-    a same-shaped object from its own single-object scene; scoring checks that the output's
-    object has the crop's colour. Colours are balanced (count/8 each when count % 8 == 0) and
-    shapes spread evenly. Crop scenes draw from `np.random.default_rng((seed, i))`, a
-    two-word seed, so they are never one of the training renders (seeded with one integer).
-    Deterministic: a re-run writes the same bytes.
-    """
-    if count < 1:
-        raise ValueError(f"count must be >= 1, got {count}")
-    out_dir = Path(out_dir)
-    plan = np.random.default_rng(seed)
-    colours = [list(PALETTE)[i % len(PALETTE)] for i in range(count)]
-    shapes = [SHAPES[i % len(SHAPES)] for i in range(count)]
-    # Shuffled independently, so that colour and shape are not tied to each other.
-    plan.shuffle(colours)
-    plan.shuffle(shapes)
-    sizes = [(None, *SIZES)[int(k)] for k in plan.integers(0, len(SIZES) + 1, count)]
-    backgrounds = [BACKGROUNDS[int(k)] for k in plan.integers(0, len(BACKGROUNDS), count)]
-
-    id_width = max(3, len(str(count - 1)))
-    name_width = max(4, len(str(count - 1)))
-    entries = []
-    crops: dict[str, bytes] = {}
-    for i, (colour, shape, size_word, background) in enumerate(zip(colours, shapes, sizes, backgrounds)):
-        crop_scene = Scene((ObjectSpec(shape, colour, size_word),))
-        image, objects = render_scene(crop_scene, np.random.default_rng((seed, i)), size)
-        # Tight, no margin: the same crop the training data cuts from renderer boxes, and a
-        # model copies colour that intrudes at a crop's edge.
-        crop = image.crop(tuple(objects[0]["box"]))
-        name = f"{i:0{name_width}d}.png"
-        buffer = io.BytesIO()
-        crop.save(buffer, format="PNG")
-        crops[name] = buffer.getvalue()
-        entries.append({
-            "id": f"c{i:0{id_width}d}",
-            "prompt": f"a <img:{name}> {shape}, {background} style",
-            "text": f"a {shape}, {background} style",
-            "objects": [{"image": name, "phrase": shape, "colour": colour}],
-            "references": [name],
-        })
-
-    with atomic_dir(out_dir / "images") as images_dir:
-        for name, data in crops.items():
-            (images_dir / name).write_bytes(data)
-    header = (
-        "# Held-out colour transfer in the toy world. Generated, do not edit:\n"
-        f"#   python -m mumu_model.toy.world suite --out <this folder> --count {count}"
-        f" --seed {seed} --size {size}\n"
-        "# Each crop is the tight box of one object cut from its own single-object scene; the\n"
-        "# prompt names the shape but not the colour, so the colour can only come from the crop.\n"
-        "# `colour` is the crop's colour, checked in the output with the analytic probe\n"
-        "# (mumu_model.toy.world.dominant_colour).\n"
-    )
-    document = {"name": SUITE_NAME, "version": SUITE_VERSION, "image_root": "images", "entries": entries}
-    path = out_dir / f"{SUITE_NAME}.yaml"
-    write_bytes_atomic(path, (header + yaml.safe_dump(document, sort_keys=False)).encode("utf-8"))
-    return path
-
-
 # -- command line --------------------------------------------------------------------------
 
 
@@ -607,21 +536,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompts.add_argument("--out", type=Path, required=True)
     prompts.add_argument("--colour-word-probability", type=float, default=0.2)
     prompts.add_argument("--max-objects", type=int, default=3)
-    suite = commands.add_parser("suite", help="write the held-out colour suite")
-    suite.add_argument("--out", type=Path, required=True)
-    suite.add_argument("--count", type=int, default=120)
-    suite.add_argument("--seed", type=int, default=10_000)
-    suite.add_argument("--size", type=int, default=32)
     args = parser.parse_args(argv)
 
-    if args.command == "prompts":
-        lines = make_prompts(args.count, seed=args.seed, max_objects=args.max_objects,
-                             colour_word_probability=args.colour_word_probability)
-        write_bytes_atomic(args.out, "".join(f"{line}\n" for line in lines).encode("utf-8"))
-        print(f"wrote {len(lines)} prompts to {args.out}")
-    else:
-        path = write_colour_suite(args.out, count=args.count, seed=args.seed, size=args.size)
-        print(f"wrote {path} and {args.count} images")
+    lines = make_prompts(args.count, seed=args.seed, max_objects=args.max_objects,
+                         colour_word_probability=args.colour_word_probability)
+    write_bytes_atomic(args.out, "".join(f"{line}\n" for line in lines).encode("utf-8"))
+    print(f"wrote {len(lines)} prompts to {args.out}")
     return 0
 
 

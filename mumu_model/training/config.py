@@ -51,6 +51,12 @@ class TrainConfig:
     max_images: int = 4  # images per prompt (stage 2: 1)
     conditioning_dropout: float = 0.1  # fraction of prompts replaced by the empty prompt (CFG)
     augment_probability: float = 0.2  # fraction of conditioning images augmented (paper: 20%)
+    # Each augmented image gets one of these, uniformly (paper: crop, flip, noise, grayscale);
+    # also margin, scale, jitter (mumu_model.training.data.EXTRA_AUGMENTATIONS).
+    augmentations: tuple[str, ...] = ("crop", "flip", "noise", "grayscale")
+    # Visits per epoch of each sample, one weight per `shards` entry (empty: 1 each): mixes
+    # sources of different sizes, e.g. [1.0, 0.2] (mumu_model.training.data.DataConfig).
+    shard_weights: tuple[float, ...] = ()
     cache_latents: bool = False  # cache VAE latents of targets on disk (output_dir/latents)
     data_workers: int = 2  # processes decoding samples ahead of training; 0 decodes in the training process
     data_prefetch: int = 2  # batches each worker decodes ahead
@@ -173,6 +179,13 @@ class TrainConfig:
             fail(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         if self.export_dtype not in ("bfloat16", "float16", "float32"):
             fail(f"export_dtype must be bfloat16, float16 or float32, got {self.export_dtype!r}")
+        from .data import check_augmentations, check_shard_weights
+
+        try:
+            check_augmentations(self.augmentations)
+            check_shard_weights(self.shards, self.shard_weights)
+        except ValueError as err:
+            fail(str(err))
         for name in ("conditioning_dropout", "augment_probability", "min_lr_ratio", "max_bad_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 fail(f"{name} must be in [0, 1], got {getattr(self, name)}")

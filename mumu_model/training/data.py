@@ -8,6 +8,10 @@ step of per-rank batch B covers B*W consecutive slots (when no sample is skipped
 shuffle, not shard order + in-shard order, because the data steps write the K styles of one
 content next to each other: in-shard order would fill a batch with near-copies of one prompt.
 Reading a sample is one read of its byte range, so each rank reads only its own samples.
+With `shard_weights` (one per pattern), epoch e visits each entry of a pattern of weight w
+floor(w) times, plus once more with probability w - floor(w) (drawn per entry and epoch from
+(seed, e)): a mixture of sources without rewriting them. A repeated entry shares its random
+decisions within the epoch (they are seeded by its key).
 
 Indexing at scale. Indexing reads every tar header (one seek per member): at paper size,
 thousands of shards of ~1,000 samples, that is millions of small reads. Given `gather` (a
@@ -64,6 +68,7 @@ import glob
 import hashlib
 import io
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -102,8 +107,14 @@ TARGET_FIELDS = ("jpg", "png")
 
 # Paper: 20% of conditioning images get one of these.
 AUGMENTATIONS = ("crop", "flip", "noise", "grayscale")
+# Further ones a recipe may choose, for crops that come from elsewhere than the training data's
+# detector: a margin of plain background, a lower resolution, a small colour shift.
+EXTRA_AUGMENTATIONS = ("margin", "scale", "jitter")
 CROP_KEEP = (0.7, 1.0)  # share of each side a random crop keeps
 NOISE_SIGMA = 0.05  # Gaussian noise std on the [0, 1] pixel scale
+MARGIN_FRACTION = (0.05, 0.25)  # margin on each side, as a share of the longer side
+SCALE_RANGE = (0.4, 0.9)  # the image is resized to this share of its size (and back by the encoder)
+JITTER_RGB = 15  # per-channel colour shift, RGB units
 
 # Every rank's bytes in rank order; called by all ranks together (e.g. parallel.all_gather_bytes).
 Gather = Callable[[bytes], list[bytes]]
@@ -117,6 +128,10 @@ class DataConfig:
     # classifier-free guidance.
     conditioning_dropout: float = 0.1
     augment_probability: float = 0.2  # share of conditioning images augmented
+    augmentations: tuple[str, ...] = AUGMENTATIONS  # each augmented image gets one, uniformly
+    # Visits per epoch of each entry, one weight per `shards` pattern (empty: 1 each), e.g.
+    # (1.0, 0.2) takes every sample of the first pattern and a fifth of the second's per epoch.
+    shard_weights: tuple[float, ...] = ()
     max_images: int = 4  # a record with more images is skipped as a bad prompt
     seed: int = 0
 
@@ -124,6 +139,10 @@ class DataConfig:
         # Accept one path or any sequence (YAML gives lists) and store a tuple of str.
         shards = (self.shards,) if isinstance(self.shards, (str, os.PathLike)) else self.shards
         object.__setattr__(self, "shards", tuple(os.fspath(shard) for shard in shards))
+        object.__setattr__(self, "augmentations", tuple(self.augmentations))
+        check_augmentations(self.augmentations)
+        object.__setattr__(self, "shard_weights", tuple(float(w) for w in self.shard_weights))
+        check_shard_weights(self.shards, self.shard_weights)
         if not self.shards:
             raise ValueError("DataConfig.shards is empty: give tar paths or glob patterns")
         if self.resolution <= 0:
@@ -183,9 +202,48 @@ def target_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     return pixels_to_unit(target_pixels(image, resolution))
 
 
-def augment_image(image: Image.Image, rng: random.Random) -> tuple[Image.Image, str]:
-    """One augmentation drawn from AUGMENTATIONS; returns (new image, its name)."""
-    kind = rng.choice(AUGMENTATIONS)
+def check_shard_weights(shards: Sequence[str], weights: Sequence[float]) -> None:
+    """ValueError unless `weights` is empty or one finite weight >= 0 per pattern, not all 0."""
+    if not weights:
+        return
+    if len(weights) != len(shards):
+        raise ValueError(f"shard_weights has {len(weights)} weights for {len(shards)} shard patterns "
+                         f"({', '.join(map(repr, shards))}): give one per pattern")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or not any(weights):
+        raise ValueError(f"shard_weights must be finite and >= 0, not all 0, got {list(weights)}")
+
+
+def check_augmentations(kinds: Sequence[str]) -> None:
+    """ValueError naming any kind that is neither in AUGMENTATIONS nor EXTRA_AUGMENTATIONS."""
+    known = AUGMENTATIONS + EXTRA_AUGMENTATIONS
+    unknown = [kind for kind in kinds if kind not in known]
+    if unknown or not kinds:
+        raise ValueError(f"augmentations {list(kinds)}: unknown {unknown or 'none given'} "
+                         f"(known: {', '.join(known)})")
+
+
+def augment_image(image: Image.Image, rng: random.Random,
+                  kinds: Sequence[str] = AUGMENTATIONS) -> tuple[Image.Image, str]:
+    """One augmentation drawn uniformly from `kinds`; returns (new image, its name)."""
+    kind = rng.choice(list(kinds))
+    if kind == "margin":
+        # A plain light, dark or grey background around the object, as a looser box or another
+        # program's crop would have.
+        width, height = image.size
+        pad = max(1, round(max(width, height) * rng.uniform(*MARGIN_FRACTION)))
+        grey = rng.choice((rng.randint(190, 255), rng.randint(20, 80), rng.randint(100, 180)))
+        canvas = Image.new("RGB", (width + 2 * pad, height + 2 * pad), (grey, grey, grey))
+        canvas.paste(image.convert("RGB"), (pad, pad))
+        return canvas, kind
+    if kind == "scale":
+        width, height = image.size
+        factor = rng.uniform(*SCALE_RANGE)
+        small = (max(1, round(width * factor)), max(1, round(height * factor)))
+        return image.resize(small, Image.Resampling.BOX), kind
+    if kind == "jitter":
+        shift = np.array([rng.randint(-JITTER_RGB, JITTER_RGB) for _ in range(3)], dtype=np.int16)
+        shifted = np.asarray(image.convert("RGB"), dtype=np.int16) + shift
+        return Image.fromarray(np.clip(shifted, 0, 255).astype(np.uint8)), kind
     if kind == "crop":
         width, height = image.size
         keep_w = max(1, round(width * rng.uniform(*CROP_KEEP)))
@@ -202,8 +260,9 @@ def augment_image(image: Image.Image, rng: random.Random) -> tuple[Image.Image, 
     return ImageOps.grayscale(image).convert("RGB"), kind
 
 
-def augment_prompt(prompt: MultimodalPrompt, rng: random.Random, probability: float) -> MultimodalPrompt:
-    """Each conditioning image independently augmented with `probability`.
+def augment_prompt(prompt: MultimodalPrompt, rng: random.Random, probability: float,
+                   kinds: Sequence[str] = AUGMENTATIONS) -> MultimodalPrompt:
+    """Each conditioning image independently augmented with `probability`, by one of `kinds`.
 
     The control image (canny/depth/sketch of the whole target, `control.png`) is never
     augmented: it is derived from the target and describes its layout, so cropping or flipping
@@ -216,7 +275,7 @@ def augment_prompt(prompt: MultimodalPrompt, rng: random.Random, probability: fl
     references = iter(prompt.image_paths)
     for part in prompt.parts:
         if isinstance(part, Image.Image) and next(references) != CONTROL_NAME and rng.random() < probability:
-            part, _ = augment_image(part, rng)
+            part, _ = augment_image(part, rng, kinds)
             changed = True
         parts.append(part)
     return MultimodalPrompt(parts, max_images=None) if changed else prompt
@@ -230,9 +289,14 @@ Members = tuple[tuple[str, int, int], ...]  # (field, data offset, size) of each
 def expand_shards(patterns: Sequence[str]) -> list[Path]:
     """Every file the patterns match, sorted; a pattern that matches no file is an error, since a
     typo would otherwise silently train on part of the data."""
-    found: set[Path] = set()
+    return sorted(_matches(patterns))
+
+
+def _matches(patterns: Sequence[str]) -> dict[Path, int]:
+    """Every file the patterns match -> the first pattern matching it (see `expand_shards`)."""
+    found: dict[Path, int] = {}
     unmatched = []
-    for pattern in patterns:
+    for number, pattern in enumerate(patterns):
         expanded = os.path.expanduser(pattern)
         # A file that exists is taken as named, even if its name holds glob characters like "[".
         names = [expanded] if os.path.isfile(expanded) else glob.glob(expanded, recursive=True)
@@ -240,10 +304,11 @@ def expand_shards(patterns: Sequence[str]) -> list[Path]:
         matches = [path for path in matches if path.is_file()]
         if not matches:
             unmatched.append(pattern)
-        found.update(matches)
+        for path in matches:
+            found.setdefault(path, number)
     if unmatched:
         raise ValueError(f"no shard file matches {', '.join(map(repr, unmatched))}")
-    return sorted(found)
+    return found
 
 
 class _Scanned(NamedTuple):
@@ -484,7 +549,7 @@ def _decode(config: DataConfig, sample: Sample, key: str, where: str, epoch: int
         # with what the model learned for "no conditioning".
         prompt = MultimodalPrompt()
     else:
-        prompt = augment_prompt(prompt, rng, config.augment_probability)
+        prompt = augment_prompt(prompt, rng, config.augment_probability, config.augmentations)
     # Targets are never augmented (and cached latents rely on it).
     target = target_pixels(target, config.resolution) if pixels else target_tensor(target, config.resolution)
     return TrainingSample(key, target, prompt, dropped, epoch, index)
@@ -532,7 +597,10 @@ class ShardStream:
         self.prefetch = prefetch
         self.gather = gather
         self.skipped = Skipped()
-        self.shards = expand_shards(config.shards)
+        matches = _matches(config.shards)
+        self.shards = sorted(matches)
+        # Per shard file, its pattern's weight (a file matched by several: the first pattern's).
+        self._weights = [config.shard_weights[matches[path]] for path in self.shards] if config.shard_weights else None
         self.index = build_index(self.shards, rank, world_size, gather)
         for path, info in zip(self.shards, self.index.shards):
             if info["damaged"] is not None:
@@ -558,8 +626,9 @@ class ShardStream:
 
     @property
     def samples_per_epoch(self) -> int:
-        """Slots of this rank's share of an epoch (ranks differ by at most one)."""
-        return len(range(self.rank, len(self.index), self.world_size))
+        """Slots of this rank's share of the current epoch (ranks differ by at most one; with
+        fractional `shard_weights` epochs differ a little in length)."""
+        return len(self._rank_order(self._epoch))
 
     # -- state -----------------------------------------------------------------------------
 
@@ -572,6 +641,7 @@ class ShardStream:
             "seed": self.config.seed,
             "num_samples": len(self.index),
             "dataset": self._dataset,
+            "shard_weights": list(self.config.shard_weights),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -581,7 +651,10 @@ class ShardStream:
             "seed": self.config.seed,
             "num_samples": len(self.index),
             "dataset": self._dataset,
+            "shard_weights": list(self.config.shard_weights),
         }
+        # Older states have no weights: they were unweighted.
+        state = {"shard_weights": [], **state}
         # A state from another rank, seed, world size or dataset names other samples: resuming
         # from it would silently repeat some samples and never show others.
         mismatched = {name: (state.get(name), value) for name, value in expected.items() if state.get(name) != value}
@@ -591,8 +664,9 @@ class ShardStream:
         epoch, position = state.get("epoch"), state.get("position")
         if not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"data state: epoch must be an int >= 0, got {epoch!r}")
-        if not isinstance(position, int) or not 0 <= position <= self.samples_per_epoch:
-            raise ValueError(f"data state: position must be an int in [0, {self.samples_per_epoch}], got {position!r}")
+        slots = len(self._rank_order(epoch))
+        if not isinstance(position, int) or not 0 <= position <= slots:
+            raise ValueError(f"data state: position must be an int in [0, {slots}], got {position!r}")
         self._epoch, self._position = epoch, position
 
     # -- iteration -------------------------------------------------------------------------
@@ -615,6 +689,13 @@ class ShardStream:
     def _rank_order(self, epoch: int) -> list[int]:
         if self._order is None or self._order[0] != epoch:
             order = list(range(len(self.index)))
+            if self._weights is not None:
+                draw = _rng(self.config.seed, "weights", epoch)
+                visits = []
+                for index in order:
+                    weight = self._weights[self.index.shard_of(index)]
+                    visits += [index] * (int(weight) + (draw.random() < weight - int(weight)))
+                order = visits
             _rng(self.config.seed, "order", epoch).shuffle(order)
             self._order = (epoch, order[self.rank :: self.world_size])
         return self._order[1]
@@ -1132,6 +1213,10 @@ def reshard_states(states: Sequence[dict], rank: int, world_size: int) -> dict:
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+    if states and states[0].get("shard_weights"):
+        # A weighted epoch's length is not in the states: its slots cannot be recounted here.
+        raise ValueError(f"the data states are of a stream with shard_weights {states[0]['shard_weights']}; "
+                         f"resume it with {len(states)} process(es), as it was saved")
     epoch, g, exact = global_data_position(states)
     if g % world_size:
         if exact:

@@ -486,6 +486,8 @@ class Trainer:
             resolution=config.resolution,
             conditioning_dropout=config.conditioning_dropout,
             augment_probability=config.augment_probability,
+            augmentations=config.augmentations,
+            shard_weights=config.shard_weights,
             max_images=config.max_images,
             seed=config.seed if config.data_seed is None else config.data_seed,
         )

@@ -1,0 +1,233 @@
+"""The toy main job's training recipe, measured beyond one run: at several training seeds, and
+with crops at several token counts (the paper's Finding 1), on the test suites.
+
+    .venv/bin/python bench/toy_recipe.py seeds [--seeds 0 1 2]
+    .venv/bin/python bench/toy_recipe.py tokens [--tokens 4 16 64]
+
+Both train stage 1 and stage 2 from the main job's configs (`params.yaml` -> `training`) on the
+data the graph made (`make demo` first: data/captions/), each run in its own folder under
+`runs/bench/`, and evaluate the stage-2 pipeline as the evaluation asset does (`params.yaml` ->
+`evaluation`: the test suites, sampler, guidance, text-only ablation).
+
+- `seeds`: the recipe unchanged but for `seed` (noise, timesteps, data order, initial weights).
+  Reports every metric per seed, and its mean, standard deviation (n - 1) and range. With
+  `--reuse-main`, the recipe's own seed is not trained again: the main job's pipeline
+  (runs/stage2/pipeline, the same training, deterministic) is evaluated in its place.
+- `tokens`: both stages with crops at `image_size` = 14 x sqrt(tokens) px (4 -> 28 px, 16 -> 56,
+  64 -> 112), at the same compute: each configuration's seconds per step are measured first
+  (a short timing run per stage), and a stage whose step is slower than the recipe's trains
+  proportionally fewer steps, so that no configuration gets more wall time than the recipe.
+
+Writes bench/results/toy_seeds.json or toy_tokens.json (atomically) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from mumu_model.atomic import write_bytes_atomic  # noqa: E402
+
+PATCH = 14
+# The figures a table shows, per test suite: (suite kind, metric).
+HEADLINE = [("one", "colour_match"), ("one", "obj_shape"), ("one", "count_match"), ("two", "all_colours"),
+            ("two", "obj_colour"), ("three", "all_colours"), ("outside", "colour_match"),
+            ("one", "colour_match_text_only"), ("two", "all_colours_text_only"),
+            ("outside", "colour_match_text_only")]
+
+
+def _params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def _train(config: str, out: Path, overrides: dict, log: Path) -> float:
+    """Train one stage; returns its wall seconds. Fails naming the log on a non-zero exit."""
+    command = [sys.executable, "-m", "mumu_model.cli", "train", str(REPO / config), "--set", f"output_dir={out}",
+               "--set", "tracking=false"]
+    for key, value in overrides.items():
+        command += ["--set", f"{key}={value}"]
+    started = time.perf_counter()
+    with log.open("ab") as handle:
+        done = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise SystemExit(f"training failed ({' '.join(command)}): see {log}")
+    return time.perf_counter() - started
+
+
+def _seconds_per_step(log: Path) -> float:
+    """The steady seconds per step of a finished run, from its progress lines' samples/s."""
+    rates = [float(m.group(1)) for m in re.finditer(r"([\d.]+) samples/s", log.read_text())]
+    batch = [int(m.group(1)) for m in re.finditer(r"x batch (\d+)", log.read_text())]
+    if not rates or not batch:
+        raise SystemExit(f"no progress lines in {log}")
+    return batch[-1] / statistics.median(rates[1:] or rates)
+
+
+def _evaluate(pipeline: Path, out: Path) -> dict[str, dict[str, float]]:
+    from eval.run import evaluate
+
+    e = _params()["evaluation"]
+    result = evaluate(pipeline, [REPO / s for s in e["suites"]], steps=e["steps"], guidance=e["guidance"],
+                      seeds=e["seeds"], out_dir=out, mlflow_run=False, text_only_ablation=e["text_only_ablation"],
+                      batch_size=e["batch_size"], device="cpu")
+    if result.errors:
+        raise SystemExit(f"evaluation of {pipeline} had {len(result.errors)} entry errors: {result.errors[0]}")
+    return result.suites
+
+
+def _run(name: str, stage1: dict, stage2: dict) -> dict:
+    """Train both stages with these overrides and evaluate; the run's figures."""
+    p = _params()["training"]
+    folder = REPO / "runs" / "bench" / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    log = folder / "train.log"
+    seconds1 = _train(p["stage1_config"], folder / "stage1", stage1, log)
+    seconds2 = _train(p["stage2_config"], folder / "stage2", {"init_from": folder / "stage1", **stage2}, log)
+    started = time.perf_counter()
+    suites = _evaluate(folder / "stage2" / "pipeline", folder / "evaluation")
+    print(f"{name}: trained in {seconds1:.0f} + {seconds2:.0f} s, evaluated in {time.perf_counter() - started:.0f} s",
+          flush=True)
+    return {"train_seconds": [round(seconds1, 1), round(seconds2, 1)], "stage1": stage1,
+            "stage2": {k: str(v) for k, v in stage2.items()}, "suites": suites}
+
+
+def _figure(suites: dict, kind: str, metric: str) -> float | None:
+    for name, metrics in suites.items():
+        if name.endswith(f"_{kind}") and metric in metrics:
+            return metrics[metric]
+    return None
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
+def _table(rows: dict[str, dict], extra: dict[str, dict] | None = None) -> str:
+    header = "| run | " + " | ".join(f"{k} {m}" for k, m in HEADLINE) + " |"
+    lines = [header, "|" + "---|" * (len(HEADLINE) + 1)]
+    for name, run in rows.items():
+        cells = [_figure(run["suites"], k, m) for k, m in HEADLINE]
+        lines.append(f"| {name} | " + " | ".join("-" if c is None else f"{c:.1%}" for c in cells) + " |")
+    for name, cells in (extra or {}).items():
+        lines.append(f"| {name} | " + " | ".join(cells.get(f"{k}/{m}", "-") for k, m in HEADLINE) + " |")
+    return "\n".join(lines)
+
+
+def _environment() -> dict:
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "evaluation": {k: v for k, v in _params()["evaluation"].items() if k in ("suites", "steps", "guidance", "seeds")}}
+
+
+def _main_job(seed: int) -> dict:
+    """The main job's own stage-2 pipeline, evaluated: the recipe's run at its own seed."""
+    p = _params()["training"]
+    recipe_seeds = {yaml.safe_load((REPO / p[f"{stage}_config"]).read_text()).get("seed", 0) for stage in ("stage1", "stage2")}
+    pipeline = REPO / "runs" / "stage2" / "pipeline"
+    if recipe_seeds != {seed} or not (pipeline / "model_index.json").is_file():
+        raise SystemExit(f"--reuse-main: the main job trains at seed(s) {sorted(recipe_seeds)}, not {seed}, "
+                         f"or {pipeline} is missing (run `make demo`)")
+    return {"source": "main job (runs/stage2/pipeline)", "suites": _evaluate(pipeline, REPO / "runs" / "bench" / f"seed{seed}-main")}
+
+
+def seeds(args: argparse.Namespace) -> dict:
+    runs = {f"seed{s}": _main_job(s) if args.reuse_main and s == args.seeds[0] else _run(f"seed{s}", {"seed": s}, {"seed": s})
+            for s in args.seeds}
+    summary: dict[str, dict] = {}
+    for name in next(iter(runs.values()))["suites"]:
+        for metric in next(iter(runs.values()))["suites"][name]:
+            values = [run["suites"][name].get(metric) for run in runs.values()]
+            if all(isinstance(v, float) and not math.isnan(v) for v in values) and "_ci_" not in metric:
+                summary[f"{name}/{metric}"] = _spread(values)
+    cells = {}
+    for k, m in HEADLINE:
+        key = next((key for key in summary if key.endswith(f"_{k}/{m}")), None)
+        if key:
+            s = summary[key]
+            cells[f"{k}/{m}"] = f"{s['mean']:.1%} ± {s['std']:.1%}"
+    print(_table(runs, {"mean ± std": cells}))
+    return {"runs": runs, "summary": summary}
+
+
+def tokens(args: argparse.Namespace) -> dict:
+    p = _params()["training"]
+    base = {stage: yaml.safe_load((REPO / p[f"{stage}_config"]).read_text()) for stage in ("stage1", "stage2")}
+    # The recipe's seconds per step, and each configuration's, from short timing runs.
+    timing_steps = 30
+    per_step: dict[int, dict[str, float]] = {}
+    for count in args.tokens:
+        side = PATCH * math.isqrt(count)
+        if side * side != PATCH * PATCH * count:
+            raise SystemExit(f"--tokens {count}: not a square number of 14 px patches")
+        folder = REPO / "runs" / "bench" / f"timing-{count}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        per_step[count] = {}
+        for stage in ("stage1", "stage2"):
+            log = folder / f"{stage}.log"
+            overrides = {"image_size": side, "max_steps": timing_steps, "checkpoint_every": 10_000,
+                         "validation_prompts": "[]", "log_every": 5, "warmup_steps": 1}
+            if stage == "stage2":
+                overrides["init_from"] = REPO / "runs" / "stage1"
+            _train(p[f"{stage}_config"], folder / stage, overrides, log)
+            per_step[count][stage] = _seconds_per_step(log)
+    recipe = {stage: {"steps": base[stage]["max_steps"], "image_size": base[stage]["image_size"]} for stage in base}
+    reference = {stage: per_step[min(per_step, key=lambda c: abs(PATCH * math.isqrt(c) - recipe[stage]["image_size"]))][stage]
+                 for stage in base}
+    runs = {}
+    for count in args.tokens:
+        side = PATCH * math.isqrt(count)
+        steps = {stage: min(recipe[stage]["steps"],
+                            int(recipe[stage]["steps"] * reference[stage] / per_step[count][stage]))
+                 for stage in base}
+        run = _run(f"tokens{count}", {"image_size": side, "max_steps": steps["stage1"]},
+                   {"image_size": side, "max_steps": steps["stage2"]})
+        run.update(tokens=count, image_size=side, steps=steps, seconds_per_step=per_step[count])
+        runs[f"{count} tokens ({side} px, {steps['stage1']}+{steps['stage2']} steps)"] = run
+    print(_table(runs))
+    return {"recipe": recipe, "seconds_per_step": per_step, "runs": runs}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    seeds_parser = commands.add_parser("seeds", help="the recipe at several training seeds")
+    seeds_parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    seeds_parser.add_argument("--reuse-main", action="store_true",
+                              help="the first seed is the main job's: evaluate runs/stage2/pipeline instead of training it")
+    tokens_parser = commands.add_parser("tokens", help="crops at several token counts, same compute")
+    tokens_parser.add_argument("--tokens", type=int, nargs="+", default=[4, 16, 64])
+    parser.add_argument("--out", type=Path, default=None, help="default bench/results/toy_<command>.json")
+    args = parser.parse_args()
+    if not any((REPO / "data" / "captions" / "stage1").glob("*.tar")):
+        raise SystemExit("no training data in data/captions/stage1: run `make demo` (the main job) first")
+    started = time.perf_counter()
+    figures = seeds(args) if args.command == "seeds" else tokens(args)
+    document = {"benchmark": f"toy_{args.command}", **figures, "seconds": round(time.perf_counter() - started),
+                "environment": _environment()}
+    out = args.out or REPO / "bench" / "results" / f"toy_{args.command}.json"
+    write_bytes_atomic(out, json.dumps(document, indent=2, default=str).encode())
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
