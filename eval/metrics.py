@@ -31,10 +31,12 @@ models built from config (`tiny_dino` here, `tiny_clip` in `mumu_model.data.tiny
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -44,6 +46,9 @@ from mumu_model.data.report import Skipped
 # CLIP-I and CLIP-T use the project's one CLIP wrapper (also behind PickScore).
 from mumu_model.data.scoring import ClipEmbedder, l2_normalize
 from mumu_model.images import pad_to_square, to_rgb
+
+if TYPE_CHECKING:  # scipy is imported only when a suite uses the object probe
+    from .shapes import MatchResult
 
 CLIP_MODEL = "openai/clip-vit-base-patch32"
 DINO_MODEL = "facebook/dino-vits16"
@@ -146,64 +151,37 @@ def colour_chance() -> float:
 # -- object probe --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ObjectProbe:
-    colour_right: tuple[bool, ...]  # per expected object, in prompt order
-    shape_right: tuple[bool, ...]
-    found: int  # objects detected in the output, expected or not
-    shapes_found: str  # the detected objects' "colour shape", comma-joined ("" for none)
-
-    @property
-    def colour_accuracy(self) -> float:
-        return sum(self.colour_right) / len(self.colour_right)
-
-    @property
-    def shape_accuracy(self) -> float:
-        return sum(self.shape_right) / len(self.shape_right)
-
-    @property
-    def all_colours(self) -> bool:
-        return all(self.colour_right)
-
-    @property
-    def all_objects(self) -> bool:
-        return all(c and s for c, s in zip(self.colour_right, self.shape_right))
-
-    @property
-    def count_right(self) -> bool:
-        return self.found == len(self.colour_right)
-
-
-_TEMPLATES = None
-
-
+@functools.lru_cache(maxsize=1)
 def _toy_templates():
-    global _TEMPLATES
-    if _TEMPLATES is None:
-        from mumu_model.toy.world import SHAPES, shape_mask
+    from mumu_model.toy.world import SHAPES, shape_mask
 
-        from .shapes import ShapeTemplates
+    from .shapes import ShapeTemplates
 
-        _TEMPLATES = ShapeTemplates.from_renderer(SHAPES, shape_mask)
-    return _TEMPLATES
+    return ShapeTemplates.from_renderer(SHAPES, shape_mask)
 
 
-def object_probe(image: Image.Image, objects: Sequence[tuple[str, str]]) -> ObjectProbe:
+def object_probe(image: Image.Image, objects: Sequence[tuple[str, str]]) -> MatchResult:
     """Segment the flat objects of a toy-world output and match each expected (palette colour,
     shape) object to one of them (`eval.shapes.match_objects`: one-to-one, by colour first).
     An object is colour-right when its nearest palette colour is the expected one, shape-right
     when its mask best fits the expected shape; a missing object is neither."""
     from mumu_model.toy.world import PALETTE
 
-    from .shapes import match_objects, nearest_colour
+    from .shapes import match_objects
 
     if not objects:
         raise ValueError("object_probe needs at least one expected (colour, shape) object")
     expected = [(PALETTE[colour], shape) for colour, shape in objects]
-    result = match_objects(to_rgb(image), expected, _toy_templates(), palette=PALETTE)
-    found = ",".join(f"{nearest_colour(d.colour, PALETTE)} {d.shape}" for d in result.detected)
-    return ObjectProbe(tuple(m.colour_right for m in result.objects), tuple(m.shape_right for m in result.objects),
-                       len(result.detected), found)
+    return match_objects(to_rgb(image), expected, _toy_templates(), palette=PALETTE)
+
+
+def objects_found(result: MatchResult) -> str:
+    """What the object probe saw: each detected object's "colour shape", comma-joined."""
+    from mumu_model.toy.world import PALETTE
+
+    from .shapes import nearest_colour
+
+    return ",".join(f"{nearest_colour(d.colour, PALETTE)} {d.shape}" for d in result.detected)
 
 
 def shape_chance() -> float:

@@ -84,6 +84,7 @@ from .metrics import (
     dino_score,
     multimodal_clip_score,
     object_probe,
+    objects_found,
     shape_chance,
     wilson_interval,
 )
@@ -610,10 +611,10 @@ def _score(item: _Generated, scorers: _Scorers, errors: list[EntryError]) -> lis
         put("obj_colour", [p.colour_accuracy for p in found])
         put("obj_shape", [p.shape_accuracy for p in found])
         put("all_colours", [p.all_colours for p in found])
-        put("all_objects", [p.all_objects for p in found])
+        put("all_objects", [p.all_right for p in found])
         put("count_match", [p.count_right for p in found])
         for row, probe in zip(rows, found):
-            row["objects_found"] = probe.shapes_found
+            row["objects_found"] = objects_found(probe)
     return rows
 
 

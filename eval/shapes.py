@@ -359,6 +359,11 @@ class MatchResult:
         return bool(self.objects) and all(match.right for match in self.objects)
 
     @property
+    def all_colours(self) -> bool:
+        """Every expected object found in its colour, whatever its shape."""
+        return bool(self.objects) and all(match.colour_right for match in self.objects)
+
+    @property
     def count_right(self) -> bool:
         return len(self.detected) == len(self.objects)
 

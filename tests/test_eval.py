@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from eval.faces import ArcFaceEmbedder, face_similarity, load_face_embedder
 from eval.metrics import (
     ClipEmbedder, DinoEmbedder, clip_i, clip_t, colour_chance, colour_probe, dino_score, multimodal_clip_score,
-    object_probe, shape_chance, wilson_interval,
+    object_probe, objects_found, shape_chance, wilson_interval,
 )
 from eval.run import EvalModels, PipelineFolderError, check_pipeline_folder, evaluate, headline
 from eval.suites import SuiteError, builtin_suites, load_entry, load_suite
@@ -415,17 +415,17 @@ def test_object_probe_matches_each_object_to_its_crop():
     scene = Scene((ObjectSpec("star", "red"), ObjectSpec("square", "blue"), ObjectSpec("cross", "yellow")), "plain")
     image, _ = render_scene(scene, np.random.default_rng(3))
     probe = object_probe(image, [("blue", "square"), ("red", "star"), ("yellow", "cross")])
-    assert probe.all_objects and probe.count_right and probe.found == 3
-    assert set(probe.shapes_found.split(",")) == {"red star", "blue square", "yellow cross"}
+    assert probe.all_right and probe.count_right and len(probe.detected) == 3
+    assert set(objects_found(probe).split(",")) == {"red star", "blue square", "yellow cross"}
     # A colour that is not there: that object is wrong, the others still match their own.
     wrong = object_probe(image, [("green", "square"), ("red", "star")])
-    assert wrong.colour_right == (False, True) and wrong.shape_right[1]
+    assert [m.colour_right for m in wrong.objects] == [False, True] and wrong.objects[1].shape_right
     assert not wrong.all_colours and wrong.colour_accuracy == 0.5 and not wrong.count_right
     # Right colour, wrong shape.
-    assert object_probe(image, [("red", "circle")]).colour_right == (True,)
-    assert object_probe(image, [("red", "circle")]).shape_right == (False,)
+    assert object_probe(image, [("red", "circle")]).all_colours
+    assert not object_probe(image, [("red", "circle")]).objects[0].shape_right
     empty = object_probe(Image.new("RGB", (32, 32), (200, 200, 200)), [("red", "star")])
-    assert (empty.found, empty.all_colours, empty.shape_accuracy) == (0, False, 0.0)
+    assert (len(empty.detected), empty.all_colours, empty.shape_accuracy) == (0, False, 0.0)
     with pytest.raises(ValueError, match="at least one"):
         object_probe(image, [])
     assert shape_chance() == pytest.approx(1 / 6)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import colorsys
-import io
 import math
 import sys
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from mumu_model.atomic import atomic_dir, write_bytes_atomic
+from mumu_model.data.shards import encode_image
 
 from .world import BACKGROUNDS, PALETTE, SHAPES, SIZES, ObjectSpec, Scene, render_scene
 
@@ -149,12 +149,6 @@ def draw_outside_crop(shape: str, colour: str, rng: np.random.Generator) -> Imag
 # -- suites --------------------------------------------------------------------------------
 
 
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _balanced(values: Sequence[str], count: int, rng: np.random.Generator) -> list[str]:
     """`count` values cycling through `values`, shuffled: each appears count/len times."""
     out = [values[i % len(values)] for i in range(count)]
@@ -194,7 +188,7 @@ def write_suite(out_dir: str | Path, kind: str, *, name: str, count: int, seed: 
                 size_word = (None, *SIZES)[int(rng.integers(len(SIZES) + 1))]
                 crop = renderer_crop(shape, colour, size_word, rng, canvas)
             image = f"{i:0{width}d}{'abc'[k]}.png"
-            crops[image] = _png(crop)
+            crops[image] = encode_image(crop, image)
             article = "an" if shape[0] in "aeiou" else "a"
             phrases.append((f"{article} <img:{image}> {shape}", f"{article} {shape}"))
             objects.append({"image": image, "phrase": shape, "shape": shape, "colour": colour})
