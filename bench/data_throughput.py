@@ -100,7 +100,7 @@ def main() -> None:
     import torch
 
     from mumu_model.atomic import write_bytes_atomic
-    from mumu_model.build import tiny_processor
+    from mumu_model.build import build_processor
     from mumu_model.training.config import load_train_config
     from mumu_model.training.data import DataConfig, make_loader
     from mumu_model.training.trainer import Trainer
@@ -123,7 +123,7 @@ def main() -> None:
         data_config = DataConfig(shards=(str(shard),), resolution=args.resolution, max_images=4, seed=0)
         paper_shard = make_paper_shards(tmp / "paper", (args.paper_batches + 2) * args.batch)
         paper_config = DataConfig(shards=(str(paper_shard),), resolution=1024, max_images=4, seed=0)
-        paper_processor = tiny_processor(252)
+        paper_processor = build_processor(252)
 
         def steps(next_batch) -> float:
             """Median seconds of fetch + step, after the warm-up steps."""

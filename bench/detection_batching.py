@@ -4,7 +4,7 @@ Tools such as autodistill run GroundingDINO once per class ("man.", then "dog.",
 image with P phrases costs P forwards. `GroundingDinoDetector` puts every phrase of an image
 into one query ("man. dog. wilderness.") and batches images, which is how GroundingDINO was
 trained and what its authors' demo does. Three ways over the same 8 real photos x 4 phrases
-on the tiny random-weight detector (`mumu_model.data.tiny_models.tiny_grounding_dino`):
+on the tiny random-weight detector (`mumu_model.testing.tiny_grounding_dino`):
 
 - per_phrase: batch 1, one forward per (image, phrase): 32 forwards;
 - per_image:  batch 1, one forward per image with all its phrases: 8 forwards;
@@ -52,7 +52,7 @@ from mumu_model.data.detection import (
     Phrase,
     caption_phrases,
 )
-from mumu_model.data.tiny_models import tiny_grounding_dino
+from mumu_model.testing import tiny_grounding_dino
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "detection_batching.json"
 

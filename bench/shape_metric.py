@@ -1,4 +1,4 @@
-"""Validation of the analytic shape and count metrics (`eval.shapes`) on the toy world's renders.
+"""Validation of the analytic shape and count metrics (`mumu_model.toy.shapes`) on the toy world's renders.
 
 No model: the toy renderer draws scenes whose shapes, colours and boxes are known, and the
 metric must recover them. Per canvas size (32 px, the toy default, and 48 / 64 px):
@@ -45,7 +45,7 @@ from scipy import ndimage
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from eval.shapes import ShapeTemplates, classify_shape, count_objects, match_objects, object_masks  # noqa: E402
+from mumu_model.toy.shapes import ShapeTemplates, classify_shape, count_objects, match_objects, object_masks  # noqa: E402
 from mumu_model.atomic import write_bytes_atomic  # noqa: E402
 from mumu_model.toy.world import (  # noqa: E402
     BACKGROUNDS,

@@ -1,4 +1,5 @@
-"""`mumu eval run` and `mumu eval compare`: wired into `mumu` by `add_eval_commands(subparsers)`.
+"""`mumu eval run` and `mumu eval compare`, added to `mumu` by `add_eval_commands(subparsers)`
+(registered in pyproject.toml under the `mumu.commands` entry points).
 
 Mistakes (a missing suite, an incomplete pipeline folder, an unknown run) raise ValueError
 subclasses, which `mumu`'s main reports in one line with exit status 2. An evaluation that
@@ -103,7 +104,7 @@ _COMPARE_STORES = (Path("runs/mlflow.db"), Path("outputs/mlflow.db"))
 
 
 def cmd_eval_compare(args: argparse.Namespace) -> None:
-    from mumu_model.training.tracking import absolute_tracking_uri
+    from mumu_model.tracking import absolute_tracking_uri
 
     from .compare import compare_runs
 

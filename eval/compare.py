@@ -30,7 +30,7 @@ class RunMetrics:
 _SETTINGS = ("steps", "guidance", "seeds", "negative_prompt", "scheduler", "resolution", "dtype")
 
 # What ranks models, most specific first: the first of these an evaluation has. Which ones it
-# has follows from its suites: colour_match needs coloured objects (the toy world), face_sim
+# has follows from its suites: colour_match needs a world's coloured objects, face_sim
 # portraits, mm_clip objects and a detector; clip_t is there whenever CLIP is. All are
 # higher-is-better.
 MAIN_METRICS = ("colour_match", "face_sim", "mm_clip", "dino", "clip_i", "clip_t", "pickscore")

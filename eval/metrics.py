@@ -1,4 +1,5 @@
-"""Evaluation metrics: DreamBench's DINO / CLIP-I / CLIP-T, MUMU's multimodal-prompt CLIP score.
+"""Evaluation metrics: DreamBench's DINO / CLIP-I / CLIP-T, MUMU's multimodal-prompt CLIP score,
+and the Wilson interval the binomial rates are reported with.
 
 DreamBench protocol, as DreamBooth defines it:
 - DINO: mean cosine similarity of DINO ViT-S/16 embeddings (`facebook/dino-vits16`, the CLS
@@ -15,28 +16,16 @@ that drops objects cannot hide behind the ones it kept. Both the object image an
 are padded to square (black, as MUMU pads its conditioning images) before CLIP, so CLIP's
 centre crop cuts nothing off either.
 
-Colour probe (the toy world): analytic, no model. A prompt's objects may name the
-palette colour the output should take from their images; the probe counts, per palette colour,
-the solid 2x2 patches of the output near it (`mumu_model.toy.world.colour_counts`; single pixels
-would let noise score), and a colour "covers" the image with at least `min_patches` of them.
-- One coloured object: `colour_match` is 1.0 when the dominant colour (the one with the most
-  patches, if it covers) is the object's colour, else 0.0.
-- Several: the fraction of the objects' colours that cover the image, so 0.5 for one of two.
-Chance is 1 / len(PALETTE) for one object (`colour_chance`); a text-only ablation of a model
-that learned its colours from the images should sit there.
-
 Every model is loaded by path (or hub id) through `from_pretrained`: tests use tiny random
-models built from config (`tiny_dino` here, `tiny_clip` in `mumu_model.data.tiny_models`).
+models built from config (`mumu_model.testing`).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -44,11 +33,8 @@ from PIL import Image
 from mumu_model.data.detection import Detector, Phrase, crop
 from mumu_model.data.report import Skipped
 # CLIP-I and CLIP-T use the project's one CLIP wrapper (also behind PickScore).
-from mumu_model.data.scoring import ClipEmbedder, l2_normalize
+from mumu_model.data.scoring import ClipEmbedder, embed_images
 from mumu_model.images import pad_to_square, to_rgb
-
-if TYPE_CHECKING:  # scipy is imported only when a suite uses the object probe
-    from .shapes import MatchResult
 
 CLIP_MODEL = "openai/clip-vit-base-patch32"
 DINO_MODEL = "facebook/dino-vits16"
@@ -78,13 +64,11 @@ class DinoEmbedder:
 
     @torch.no_grad()
     def images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        chunks = []
-        for start in range(0, len(images), self.batch_size):
-            batch = [to_rgb(image) for image in images[start : start + self.batch_size]]
+        def embed(batch: list[Image.Image]) -> torch.Tensor:
             pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"]
-            hidden = self.model(pixel_values=pixels.to(self.device, self.dtype)).last_hidden_state
-            chunks.append(l2_normalize(hidden[:, 0]).cpu())
-        return torch.cat(chunks) if chunks else torch.empty(0, self.model.config.hidden_size)
+            return self.model(pixel_values=pixels.to(self.device, self.dtype)).last_hidden_state[:, 0]
+
+        return embed_images(images, self.batch_size, embed, self.model.config.hidden_size)
 
 
 # -- DreamBench metrics --------------------------------------------------------------------
@@ -112,83 +96,6 @@ def clip_t(clip: ClipEmbedder, images: Sequence[Image.Image], texts: Sequence[st
     if len(images) != len(texts):
         raise ValueError(f"{len(images)} images but {len(texts)} texts")
     return (clip.images(images) * clip.texts(texts)).sum(dim=-1).tolist()
-
-
-# -- colour probe --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ColourProbe:
-    match: float  # 1.0 / 0.0 for one object; for several, the fraction of their colours found
-    found: str  # what the probe saw: the dominant colour (one object), or every colour covering
-    # the image, most patches first, comma-joined (several); "" when none covers it
-
-
-def colour_probe(image: Image.Image, colours: Sequence[str], *, min_patches: int = 2) -> ColourProbe:
-    """Does the image carry the expected palette `colours` (one per object)? See the module
-    docstring; the patch counting is the toy world's, so eval and world agree on "red"."""
-    from mumu_model.toy.world import colour_counts, dominant_colour
-
-    if not colours:
-        raise ValueError("colour_probe needs at least one expected colour")
-    image = to_rgb(image)
-    if len(colours) == 1:
-        dominant = dominant_colour(image, min_patches=min_patches) or ""
-        return ColourProbe(float(dominant == colours[0]), dominant)
-    counts = colour_counts(image)
-    # Most patches first; ties keep palette order (sorted is stable).
-    covering = sorted((c for c, n in counts.items() if n >= min_patches), key=lambda c: -counts[c])
-    return ColourProbe(sum(c in covering for c in colours) / len(colours), ",".join(covering))
-
-
-def colour_chance() -> float:
-    """The colour probe's chance level for one object: one palette colour in len(PALETTE)."""
-    from mumu_model.toy.world import PALETTE
-
-    return 1.0 / len(PALETTE)
-
-
-# -- object probe --------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=1)
-def _toy_templates():
-    from mumu_model.toy.world import SHAPES, shape_mask
-
-    from .shapes import ShapeTemplates
-
-    return ShapeTemplates.from_renderer(SHAPES, shape_mask)
-
-
-def object_probe(image: Image.Image, objects: Sequence[tuple[str, str]]) -> MatchResult:
-    """Segment the flat objects of a toy-world output and match each expected (palette colour,
-    shape) object to one of them (`eval.shapes.match_objects`: one-to-one, by colour first).
-    An object is colour-right when its nearest palette colour is the expected one, shape-right
-    when its mask best fits the expected shape; a missing object is neither."""
-    from mumu_model.toy.world import PALETTE
-
-    from .shapes import match_objects
-
-    if not objects:
-        raise ValueError("object_probe needs at least one expected (colour, shape) object")
-    expected = [(PALETTE[colour], shape) for colour, shape in objects]
-    return match_objects(to_rgb(image), expected, _toy_templates(), palette=PALETTE)
-
-
-def objects_found(result: MatchResult) -> str:
-    """What the object probe saw: each detected object's "colour shape", comma-joined."""
-    from mumu_model.toy.world import PALETTE
-
-    from .shapes import nearest_colour
-
-    return ",".join(f"{nearest_colour(d.colour, PALETTE)} {d.shape}" for d in result.detected)
-
-
-def shape_chance() -> float:
-    """The object probe's chance level for one object's shape: one shape in len(SHAPES)."""
-    from mumu_model.toy.world import SHAPES
-
-    return 1.0 / len(SHAPES)
 
 
 def wilson_interval(successes: float, trials: int, z: float = 1.96) -> tuple[float, float]:
@@ -297,15 +204,13 @@ __all__ = [
     "CLIP_MODEL",
     "DINO_MODEL",
     "ClipEmbedder",
-    "ColourProbe",
     "DinoEmbedder",
     "MultimodalScore",
     "ObjectScore",
     "clip_i",
     "clip_t",
-    "colour_chance",
-    "colour_probe",
     "dino_score",
     "mean_cosine_to_references",
     "multimodal_clip_score",
+    "wilson_interval",
 ]

@@ -13,15 +13,16 @@ A suite file (`eval/suites/*.yaml`, format in `eval/suites/README.md`):
         references: [cat.jpg]                           # CLIP-I and DINO
         faces: []                                       # face consistency (portraits)
 
-An object may name the palette colour the output should take from its image (the toy world,
-captions leave the colour out, so only the conditioning crop can supply it):
+A suite drawn from a procedural world names it, and its objects may then name the colour and
+shape the output should take from their images (the toy world's captions leave the colour
+out, so only the conditioning crop can supply it):
 
-        objects: [{image: 0007.png, phrase: circle, colour: red}]   # analytic colour probe
+    world: toy                    # a world registered under the `mumu.worlds` entry points
+    entries:
+      - objects: [{image: 0007.png, phrase: circle, colour: red, shape: circle}]
 
-`colour` must be a name in `mumu_model.toy.world.PALETTE`; entries with coloured objects get
-the `colour_match` metric (`eval.metrics.colour_probe`), which needs no model. An object that
-also names its `shape` (one of `mumu_model.toy.world.SHAPES`) gets the object probe
-(`eval.metrics.object_probe`): shape, count, and each object matched to its crop.
+`colour` and `shape` must be names of the world (`eval.worlds`); the world's model-free metrics
+score the entries that name them.
 
 Loading is in two steps so that bad input costs one entry, not the run:
 - `load_suite(path)` reads the file. A problem with the file itself (not YAML, no version, no
@@ -43,6 +44,8 @@ from PIL import Image
 
 from mumu_model.images import ImageLoadError, load_image, resolve_image_path
 from mumu_model.prompt import MultimodalPrompt, PromptError
+
+from .worlds import World, load_world
 
 BUILTIN_SUITES_DIR = Path(__file__).resolve().parent / "suites"
 SUITE_SUFFIXES = (".yaml", ".yml", ".json")
@@ -78,8 +81,8 @@ class SuiteObject:
     image: str  # reference under the suite's image_root
     phrase: str  # what the detector looks for in the output
     box: Box | None = None  # optional region of `image` that is the object (x0, y0, x1, y1)
-    colour: str | None = None  # palette colour the output should carry (the toy world's probe)
-    shape: str | None = None  # the shape the output should draw for it (with `colour`: object probe)
+    colour: str | None = None  # a colour of the suite's world the output should carry
+    shape: str | None = None  # a shape of the suite's world the output should draw for it
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ class Suite:
     entries: tuple[SuiteEntry, ...]
     errors: tuple[EntryError, ...] = ()  # entries malformed in the file itself
     sha256: str = ""  # of the file and every image it names that exists: catches un-bumped edits
+    world: str | None = None  # the registered world whose metrics score it (`eval.worlds`)
 
 
 @dataclass
@@ -124,16 +128,9 @@ class LoadedEntry:
         return self.prompt.num_images == 0
 
     @property
-    def colours(self) -> list[str]:
-        """The colours the output should carry, one per object that names one (prompt order)."""
-        return [o.colour for o in self.entry.objects if o.colour is not None]
-
-    @property
-    def coloured_shapes(self) -> list[tuple[str, str]]:
-        """(colour, shape) of every object that names both, in prompt order: what the object
-        probe matches in the output; empty unless every object names both."""
-        pairs = [(o.colour, o.shape) for o in self.entry.objects if o.colour is not None and o.shape is not None]
-        return pairs if len(pairs) == len(self.entry.objects) else []
+    def world_objects(self) -> list[tuple[str | None, str | None]]:
+        """(colour, shape) of every object, None where the suite names none: what a world scores."""
+        return [(o.colour, o.shape) for o in self.entry.objects]
 
 
 # -- finding suite files -------------------------------------------------------------------
@@ -179,7 +176,7 @@ def load_suite(path: str | Path) -> Suite:
         raise SuiteError(f"suite {path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise SuiteError(f"suite {path}: expected a mapping with name, version and entries")
-    unknown = set(data) - {"name", "version", "image_root", "entries", "description"}
+    unknown = set(data) - {"name", "version", "image_root", "entries", "description", "world"}
     if unknown:
         raise SuiteError(f"suite {path}: unknown fields {sorted(unknown)}")
 
@@ -193,6 +190,12 @@ def load_suite(path: str | Path) -> Suite:
     items = data.get("entries")
     if not isinstance(items, list) or not items:
         raise SuiteError(f"suite {path}: 'entries' must be a non-empty list")
+    world = None
+    if data.get("world") is not None:
+        try:
+            world = load_world(str(data["world"]))
+        except ValueError as err:
+            raise SuiteError(f"suite {path}: {err}") from None
 
     entries: list[SuiteEntry] = []
     errors: list[EntryError] = []
@@ -200,7 +203,7 @@ def load_suite(path: str | Path) -> Suite:
     for index, item in enumerate(items):
         entry_id = str(item.get("id")) if isinstance(item, dict) and item.get("id") is not None else f"#{index}"
         try:
-            entry = _parse_entry(item)
+            entry = _parse_entry(item, world)
         except ValueError as err:
             errors.append(EntryError(name, entry_id, str(err)))
             continue
@@ -217,10 +220,11 @@ def load_suite(path: str | Path) -> Suite:
         entries=tuple(entries),
         errors=tuple(errors),
         sha256=_suite_hash(raw, image_root, entries),
+        world=None if world is None else str(data["world"]),
     )
 
 
-def _parse_entry(item: object) -> SuiteEntry:
+def _parse_entry(item: object, world: World | None) -> SuiteEntry:
     if not isinstance(item, dict):
         raise ValueError(f"an entry must be a mapping, got {type(item).__name__}")
     unknown = set(item) - _ENTRY_FIELDS
@@ -235,7 +239,7 @@ def _parse_entry(item: object) -> SuiteEntry:
     text = item.get("text")
     if text is not None and not isinstance(text, str):
         raise ValueError("'text' must be a string")
-    objects = tuple(_parse_object(o, i) for i, o in enumerate(_list(item, "objects")))
+    objects = tuple(_parse_object(o, i, world) for i, o in enumerate(_list(item, "objects")))
     return SuiteEntry(
         id=str(entry_id),
         prompt=prompt,
@@ -260,7 +264,7 @@ def _strings(item: dict, key: str) -> list[str]:
     return values
 
 
-def _parse_object(item: object, index: int) -> SuiteObject:
+def _parse_object(item: object, index: int, world: World | None) -> SuiteObject:
     if not isinstance(item, dict) or not isinstance(item.get("image"), str) or not isinstance(item.get("phrase"), str):
         raise ValueError(f"objects[{index}] must be {{image: PATH, phrase: WORDS}}")
     unknown = set(item) - _OBJECT_FIELDS
@@ -273,19 +277,15 @@ def _parse_object(item: object, index: int) -> SuiteObject:
         if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
             raise ValueError(f"objects[{index}]: box must be [x0, y0, x1, y1]")
         box = tuple(float(v) for v in box)
-    colour = item.get("colour")
-    if colour is not None:
-        # Imported here: only toy-world suites name colours.
-        from mumu_model.toy.world import PALETTE
-
-        if not isinstance(colour, str) or colour not in PALETTE:
-            raise ValueError(f"objects[{index}]: unknown colour {colour!r} (known: {', '.join(PALETTE)})")
-    shape = item.get("shape")
-    if shape is not None:
-        from mumu_model.toy.world import SHAPES
-
-        if not isinstance(shape, str) or shape not in SHAPES:
-            raise ValueError(f"objects[{index}]: unknown shape {shape!r} (known: {', '.join(SHAPES)})")
+    colour, shape = item.get("colour"), item.get("shape")
+    for name, value in (("colour", colour), ("shape", shape)):
+        if value is None:
+            continue
+        if world is None:
+            raise ValueError(f"objects[{index}]: names a {name}, but the suite names no world (add 'world: NAME')")
+        known = world.colours if name == "colour" else world.shapes
+        if not isinstance(value, str) or value not in known:
+            raise ValueError(f"objects[{index}]: unknown {name} {value!r} (known: {', '.join(known)})")
     return SuiteObject(item["image"], item["phrase"].strip(), box, colour, shape)
 
 

@@ -24,6 +24,9 @@ import pandas as pd
 from mumu_model.data import steps
 from mumu_model.data.shards import write_table
 
+from .datasets import (
+    CAPTIONS, DETECTIONS, FILTERED, PICKSCORES, PREVIEWS, PROMPT_PAIRS, RAW_PROMPTS, REAL_IMAGES, SYNTHETIC_IMAGES,
+)
 from .metadata import dataset_metadata, histogram, preview
 from .params import params
 from .partitions import SHARDS
@@ -100,7 +103,7 @@ def raw_prompts(config: RawPromptsConfig, storage: DatasetStorage) -> dg.Materia
         config.source, text_column=config.text_column, min_chars=config.min_chars,
         max_chars=config.max_chars, limit=config.limit,
     )
-    path = write_table(table, storage.path("prompts", "raw_prompts.parquet"))
+    path = write_table(table, RAW_PROMPTS.path(storage))
     duplicates = int(table["prompt_id"].duplicated().sum())
     return dg.MaterializeResult(
         metadata={**dataset_metadata(path, len(table) + skipped.total, len(table), skipped), "preview": preview(table)},
@@ -127,13 +130,13 @@ def content_style(
     from mumu_model.data.content_style import split_prompts
     from mumu_model.data.prompts import dedup_key, load_phrase_list, pair_contents_with_styles
 
-    prompts = pd.read_parquet(storage.path("prompts", "raw_prompts.parquet"))
+    prompts = pd.read_parquet(RAW_PROMPTS.path(storage))
     split, skipped = split_prompts(prompts, content_style_backend.get())
     contents = list(split["content"]) + (load_phrase_list(config.extra_contents) if config.extra_contents else [])
     styles = [s for s in split["style"] if s] + (load_phrase_list(config.extra_styles) if config.extra_styles else [])
     pairs = pair_contents_with_styles(contents, styles, config.styles_per_content, config.seed)
     pairs["shard"] = [f"{steps.shard_of(p, config.num_shards):05d}" for p in pairs["pair_id"]]
-    path = write_table(pairs, storage.path("prompts", "pairs.parquet"))
+    path = write_table(pairs, PROMPT_PAIRS.path(storage))
     expected = min(config.styles_per_content, len({dedup_key(s) for s in styles}))
     per_content = pairs.groupby("content")["style"].nunique()
     short = int((per_content < expected).sum())
@@ -172,12 +175,12 @@ def synthetic_images(
 ) -> dg.MaterializeResult:
     """Text-to-image for this shard's (content, style) pairs, seeded per row."""
     shard = context.partition_key
-    pairs = pd.read_parquet(storage.path("prompts", "pairs.parquet"))
+    pairs = pd.read_parquet(PROMPT_PAIRS.path(storage))
     pairs = pairs[pairs["shard"] == shard]
     synthesizer = synthesis_backend.build_synthesizer(
         config.height, config.width, config.steps, config.guidance, config.batch_size
     )
-    out = storage.path("synthetic", "images", f"{shard}.tar")
+    out = SYNTHETIC_IMAGES.path(storage, shard)
     with _shard_fails_alone():
         result = steps.synthesize(pairs, synthesizer, out, config.image_format)
     metadata = _step_metadata(out, len(pairs), result.rows, result)
@@ -193,7 +196,7 @@ def synthetic_images(
 
 
 # The scorer is an asset of the "pretrained" group: a hub checkpoint in the paper profile, a CLIP
-# the toy profile trains on its own renders (mumu_assets.pretrained_assets).
+# the toy profile trains on its own renders (mumu_assets.profiles.toy).
 @dg.asset(group_name="synthetic", deps=[synthetic_images, dg.AssetKey("scorer_model")], partitions_def=SHARDS,
           kinds={"parquet"}, check_specs=[dg.AssetCheckSpec("scores_finite", asset="pickscore_scores", blocking=True)],
           automation_condition=EAGER)
@@ -202,9 +205,9 @@ def pickscore_scores(
 ) -> dg.MaterializeResult:
     """PickScore of each synthetic image against its prompt."""
     shard = context.partition_key
-    out = storage.path("synthetic", "pickscore", f"{shard}.parquet")
+    out = PICKSCORES.path(storage, shard)
     with _shard_fails_alone():
-        result = steps.score(storage.path("synthetic", "images", f"{shard}.tar"), scorer_backend.get(), out)
+        result = steps.score(SYNTHETIC_IMAGES.path(storage, shard), scorer_backend.get(), out)
     scores = result.table["score"]
     metadata = _step_metadata(out, None, result.rows, result)
     if len(scores):
@@ -234,8 +237,8 @@ def filtered_synthetic(
 ) -> dg.MaterializeResult:
     """The synthetic images at or above the minimum PickScore (their keys)."""
     shard = context.partition_key
-    scores = pd.read_parquet(storage.path("synthetic", "pickscore", f"{shard}.parquet"))
-    out = storage.path("synthetic", "filtered", f"{shard}.parquet")
+    scores = pd.read_parquet(PICKSCORES.path(storage, shard))
+    out = FILTERED.path(storage, shard)
     kept, stats = steps.filter_scores(scores, config.min_score, out, config.min_quantile)
     kept_fraction = float(len(kept) / len(scores)) if len(scores) else 0.0
     return dg.MaterializeResult(
@@ -283,7 +286,7 @@ def real_images(
     """Real photos: SFW, high resolution, no watermark, 0 or 1 people, cropped on the person,
     captioned. With no source configured the shard is empty and says so."""
     shard = context.partition_key
-    out = storage.path("real", "images", f"{shard}.tar")
+    out = REAL_IMAGES.path(storage, shard)
     items = steps.real_image_items(config.source, int(shard), config.num_shards) if config.source else []
     with _shard_fails_alone():
         result = steps.ingest_real(items, out, **real_image_models.ingest_kwargs(config.min_side, config.max_people))
@@ -303,10 +306,10 @@ class DetectionConfig(dg.Config):
 
 
 def _caption_sources(storage: DatasetStorage, shard: str) -> list:
-    kept = pd.read_parquet(storage.path("synthetic", "filtered", f"{shard}.parquet"))
+    kept = pd.read_parquet(FILTERED.path(storage, shard))
     return [
-        (storage.path("synthetic", "images", f"{shard}.tar"), set(kept["key"])),
-        (storage.path("real", "images", f"{shard}.tar"), None),
+        (SYNTHETIC_IMAGES.path(storage, shard), set(kept["key"])),
+        (REAL_IMAGES.path(storage, shard), None),
     ]
 
 
@@ -319,7 +322,7 @@ def detections(
 ) -> dg.MaterializeResult:
     """Boxes of each caption's noun phrases (and heads of persons), one query per image."""
     shard = context.partition_key
-    out = storage.path("detections", f"{shard}.parquet")
+    out = DETECTIONS.path(storage, shard)
     detector = detector_backend.build_detector(config.box_threshold, config.text_threshold)
     with _shard_fails_alone():
         result = steps.detect(_caption_sources(storage, shard), detector, out, config.batch_size)
@@ -340,9 +343,9 @@ class CaptionConfig(dg.Config):
     max_images: int = P["captions"]["max_images"]
     control_probability: float = P["captions"]["control_probability"]
     text_only_probability: float = P["captions"].get("text_only_probability", 0.0)
-    stage2_subject: str = P["captions"].get("stage2_subject", "person")  # "any" in a world without people
+    stage2_subject: str = P["captions"].get("stage2_subject", "person")  # "any": the largest object of any kind
     stage2_max_subjects: int | None = P["captions"].get("stage2_max_subjects")  # None: no limit
-    # Words a phrase loses when its crop goes before it (the toy world: the colour names)
+    # Words a phrase loses when its crop goes before it: what only the crop should tell (e.g. colours)
     crop_replaces_words: list[str] = P["captions"].get("crop_replaces_words", [])
     image_format: str = P["captions"].get("image_format", "jpg")
     min_crop_side: int = P["detection"]["min_crop_side"]
@@ -369,7 +372,7 @@ def _caption_metadata(out, result: steps.StepResult, storage: DatasetStorage, na
     metadata["crop_area_histogram"] = histogram(areas, [0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0])
     metadata["preview"] = preview(table[["key", "prompt", "num_images"]])
     # data/previews is no DVC output: a picture for people, not part of the dataset version.
-    grid = storage.path("previews", name)
+    grid = PREVIEWS.path(storage) / name
     if steps.preview_grid(out, grid):
         metadata["preview_grid"] = dg.MetadataValue.path(str(grid))
     return metadata
@@ -384,10 +387,10 @@ def multimodal_captions_stage1(
 ) -> dg.MaterializeResult:
     """Stage-1 training records: up to 3 crops before their words, 30% with a control image."""
     shard = context.partition_key
-    out = storage.path("captions", "stage1", f"{shard}.tar")
+    out = CAPTIONS[1].path(storage, shard)
     with _shard_fails_alone():
         result = steps.caption(
-            1, _caption_sources(storage, shard), pd.read_parquet(storage.path("detections", f"{shard}.parquet")), out,
+            1, _caption_sources(storage, shard), pd.read_parquet(DETECTIONS.path(storage, shard)), out,
             seed=config.seed, max_crops=config.max_crops, max_images=config.max_images,
             control_probability=config.control_probability, control_backends=control_image_models.get(),
             min_side=config.min_crop_side, reference_side=config.reference_side,
@@ -409,10 +412,10 @@ def multimodal_captions_stage2(
     """Stage-2 training records: one high-resolution face or person crop per prompt (the toy
     world: the object of a one-object image, or now and then none, text-only)."""
     shard = context.partition_key
-    out = storage.path("captions", "stage2", f"{shard}.tar")
+    out = CAPTIONS[2].path(storage, shard)
     with _shard_fails_alone():
         result = steps.caption(
-            2, _caption_sources(storage, shard), pd.read_parquet(storage.path("detections", f"{shard}.parquet")), out,
+            2, _caption_sources(storage, shard), pd.read_parquet(DETECTIONS.path(storage, shard)), out,
             seed=config.seed, reference_side=config.reference_side, max_area_fraction=config.max_area_fraction,
             subject=config.stage2_subject, max_subjects=config.stage2_max_subjects,
             text_only_probability=config.text_only_probability,

@@ -10,8 +10,9 @@ import dagster as dg
 import pandas as pd
 
 from mumu_model.atomic import write_bytes_atomic
-from mumu_model.training.tracking import DEFAULT_TRACKING_URI
+from mumu_model.tracking import DEFAULT_TRACKING_URI
 
+from .datasets import EVALUATIONS, EVALUATION_SUMMARY
 from .metadata import preview
 from .params import REPO_ROOT, params
 from .resources import DatasetStorage
@@ -22,9 +23,6 @@ from .training_assets import stage1_model, stage2_model
 E = params(group="evaluation") or {}
 PROFILE = params(group="profile")
 BUILTIN_SUITES = [str(p.relative_to(REPO_ROOT)) for p in sorted((REPO_ROOT / "eval" / "suites").glob("*.yaml"))]
-# The analytic probes' figures, surfaced per suite in the asset's metadata (with their intervals
-# and text-only ablations): the toy world's proof that the images matter.
-PROBE_METRICS = ("colour_match", "obj_colour", "obj_shape", "all_colours", "all_objects", "count_match")
 
 
 class EvalModelsResource(dg.ConfigurableResource):
@@ -66,7 +64,7 @@ class EvaluationConfig(dg.Config):
     # store's artifacts: the toy's is small, the paper's is tens of GB) and move `champion_alias`
     # to it when `champion_metric` (None: eval.compare.main_metric of the suites) beats the
     # champion's; an evaluation with entry errors never takes the alias.
-    register_model: bool = E.get("register_model", PROFILE == "toy")
+    register_model: bool = E.get("register_model", False)
     model_name: str = E.get("model_name", f"mumu-{PROFILE}" if PROFILE else "mumu")
     champion_metric: str | None = E.get("champion_metric", None)
     champion_alias: str = E.get("champion_alias", "champion")
@@ -79,16 +77,17 @@ def evaluation(
 ) -> dg.MaterializeResult:
     """DreamBench metrics, multimodal CLIP score, PickScore, face consistency and text adherence
     per suite; a summary table and grids here, the same in MLflow for `mumu eval compare`."""
-    from eval.run import SAMPLES_GRID, evaluate, headline
-    from mumu_model.cli import resolve_device_dtype
-    from mumu_model.training.tracking import project_tracking_uri
+    from eval.reporting import SAMPLES_GRID
+    from eval.run import evaluate
+    from mumu_model.devices import resolve_device_dtype
+    from mumu_model.tracking import project_tracking_uri
 
     try:  # a bad value fails here, before anything is loaded, naming the config field
         device, dtype = resolve_device_dtype(config.device, config.dtype)
     except ValueError as err:
         raise dg.Failure(description=f"evaluation config: {err}") from None
     context.log.info(f"evaluating on {device} in {str(dtype).removeprefix('torch.')}")
-    out_dir = storage.path("evaluation", context.run_id)
+    out_dir = EVALUATIONS.path(storage) / context.run_id
     tracking_uri = project_tracking_uri(config.tracking_uri, default=E.get("tracking_uri") or DEFAULT_TRACKING_URI)
     result = evaluate(
         config.pipeline, [Path(s) for s in config.suites], models=eval_models.models(), steps=config.steps,
@@ -97,7 +96,7 @@ def evaluation(
         text_only_ablation=config.text_only_ablation, batch_size=config.batch_size, device=device, dtype=dtype,
     )
     # The latest scores at a fixed path: DVC's metrics file (`dvc metrics show / diff`).
-    write_bytes_atomic(storage.path("evaluation.json"), (Path(result.out_dir) / "summary.json").read_bytes())
+    write_bytes_atomic(EVALUATION_SUMMARY.path(storage), (Path(result.out_dir) / "summary.json").read_bytes())
     summary = pd.DataFrame(result.suites).T
     summary.loc["aggregate"] = pd.Series(result.aggregate)
     # Intervals are in `headline` and the per-suite entries; the table keeps the rates readable.
@@ -118,13 +117,12 @@ def evaluation(
     for name, value in result.aggregate.items():
         if isinstance(value, (int, float)):
             metadata[f"aggregate/{name}"] = dg.MetadataValue.float(float(value))
-    lines = {suite: headline(metrics) for suite, metrics in result.suites.items()}
-    lines = {suite: line for suite, line in lines.items() if line}
-    if lines:  # the analytic probes' figures per suite, each rate with its 95% interval
-        metadata["headline"] = dg.MetadataValue.text("; ".join(f"{suite}: {line}" for suite, line in lines.items()))
-        for suite in lines:
-            for name, value in result.suites[suite].items():
-                if name.removesuffix("_text_only").split("_ci_")[0] in PROBE_METRICS:
+    if result.headlines:  # the figures of the suites' worlds, each rate with its 95% interval
+        metadata["headline"] = dg.MetadataValue.text("; ".join(f"{s}: {line}" for s, line in result.headlines.items()))
+        for suite in result.headlines:  # and every rate of those suites with its interval and ablation
+            metrics = result.suites[suite]
+            for name, value in metrics.items():
+                if f"{name.removesuffix('_text_only').split('_ci_')[0]}_ci_low" in metrics:
                     metadata[f"{suite}/{name}"] = dg.MetadataValue.float(float(value))
     if (Path(result.out_dir) / SAMPLES_GRID).is_file():  # the first entries of every suite, small
         metadata["samples"] = dg.MetadataValue.path(str(Path(result.out_dir) / SAMPLES_GRID))

@@ -109,34 +109,31 @@ class ContentStyleBackend(_CachedBackend):
 
 
 class SynthesisBackend(dg.ConfigurableResource):
-    """Text-to-image for the synthetic half of the data: `sdxl` (paper: SDXL base, `model` a
-    hub id or folder) or `toy` (the procedural renderer of the toy world, which also
-    reports its boxes and makes `defect_probability` of its images wrong on purpose)."""
+    """Text-to-image for the synthetic half of the data. Profiles pick the implementation:
+    `SDXLSynthesis` (paper), the toy world's renderer (`mumu_assets.profiles.toy`)."""
 
-    backend: str = "sdxl"
+    def build_synthesizer(self, height: int, width: int, steps: int, guidance: float, batch_size: int):
+        """A synthesizer (`generate(rows, skipped)`, see `mumu_model.data.steps.synthesize`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement build_synthesizer")
+
+
+class SDXLSynthesis(SynthesisBackend):
+    """SDXL base (`model` a hub id or folder), as the paper renders its synthetic images."""
+
     model: str | None = None
     device: str = "auto"
     dtype: str = "float32"
-    defect_probability: float = 0.1
 
     def build_synthesizer(self, height: int, width: int, steps: int, guidance: float, batch_size: int):
-        if self.backend == "toy":
-            from mumu_model.toy.world import ToyRenderer
-
-            if height != width:
-                raise ValueError(f"the toy renderer draws square images; got {width}x{height}")
-            return ToyRenderer(size=height, defect_probability=self.defect_probability)
-        if self.backend != "sdxl":
-            raise ValueError(f"unknown synthesis backend {self.backend!r}; use sdxl or toy")
         if not self.model:
-            raise ValueError("synthesis backend 'sdxl' needs `model` (a path or hub id)")
-        from mumu_model.cli import resolve_device_dtype
+            raise ValueError(f"{type(self).__name__} needs `model` (a path or hub id)")
         from mumu_model.data.synthesis import SDXLSynthesizer
+        from mumu_model.devices import resolve_device_dtype
 
         device = _device(self)
         try:
             device, dtype = resolve_device_dtype(device, self.dtype)
-        except ValueError as err:  # "dtype 'int8': ..." -> "SynthesisBackend.dtype 'int8': ..."
+        except ValueError as err:  # "dtype 'int8': ..." -> "SDXLSynthesis.dtype 'int8': ..."
             raise ValueError(f"{type(self).__name__}.{err}") from None
         return SDXLSynthesizer(
             self.model, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
@@ -195,10 +192,10 @@ def _boxes_by_key(folder: Path) -> dict[str, list[tuple[str, list[float]]]]:
     boxes: dict[str, list[tuple[str, list[float]]]] = {}
     for manifest in manifests:
         table = pd.read_parquet(manifest, columns=["pair_id", "annotations"])
-        for pair_id, annotations in zip(table["pair_id"], table["annotations"]):
-            if annotations is None:
+        for pair_id, drawn in zip(table["pair_id"], table["annotations"]):
+            if drawn is None:
                 continue
-            objects = json.loads(annotations).get("objects", [])
+            objects = json.loads(drawn).get("objects", [])
             boxes[pair_id] = [(obj["shape"], obj["box"]) for obj in objects]
     return boxes
 

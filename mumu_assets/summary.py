@@ -19,13 +19,14 @@ import pandas as pd
 from mumu_model.atomic import write_bytes_atomic
 from mumu_model.data.scoring import defect_stats
 
+from .datasets import FILTERED, PICKSCORES
 from .params import REPO_ROOT, params
 
 
 def defect_filter_stats(data_root: Path) -> dict | None:
     """Precision and recall of the score filter at rejecting deliberately wrong renders, over
     every shard; None when no shard knows its defects (real models, not the toy renderer)."""
-    scores_dir, kept_dir = data_root / "synthetic" / "pickscore", data_root / "synthetic" / "filtered"
+    scores_dir, kept_dir = PICKSCORES.under(data_root), FILTERED.under(data_root)
     scores = [pd.read_parquet(p) for p in sorted(scores_dir.glob("*.parquet"))]
     kept = [pd.read_parquet(p, columns=["key"]) for p in sorted(kept_dir.glob("*.parquet"))]
     if not scores or not kept:

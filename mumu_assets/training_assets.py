@@ -14,6 +14,7 @@ import dagster as dg
 
 from mumu_model.data.versioning import dvc_hash
 
+from .datasets import CAPTIONS
 from .data_assets import multimodal_captions_stage1, multimodal_captions_stage2
 from .launchers import (
     KubernetesJob,
@@ -233,7 +234,7 @@ def stage1_model(
     training_cluster: TrainingCluster, pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
     """Stage 1: up to 4 images per prompt at 324 tokens each (Table-1 LoRA recipe)."""
-    return _train(context, 1, config, storage.path("captions", "stage1"), training_cluster,
+    return _train(context, 1, config, CAPTIONS[1].path(storage), training_cluster,
                   pipes_subprocess_client, [])
 
 
@@ -244,7 +245,7 @@ def stage2_model(
 ) -> dg.MaterializeResult:
     """Stage 2: from stage 1's weights, one face or person crop per prompt at 1,296 tokens."""
     stage1 = Path(config.output_root) / "stage1" / "pipeline"
-    return _train(context, 2, config, storage.path("captions", "stage2"), training_cluster,
+    return _train(context, 2, config, CAPTIONS[2].path(storage), training_cluster,
                   pipes_subprocess_client, [f"init_from={stage1}"])
 
 

@@ -1,8 +1,10 @@
-"""Build a MUMUPipeline from a ModelConfig: load real checkpoints, or build tiny ones from config.
+"""Build a MUMUPipeline from a ModelConfig: load the checkpoints it names, build the rest.
 
-The tiny parts are the real architectures (Idefics2 with a Mistral LM, SDXL's UNet with
-text_time conditioning, AutoencoderKL) at a size that runs in milliseconds on a CPU, so tests
-exercise the same code paths, save/load included, as the paper-size model.
+`build_pipeline(config)` is the one entry point. A checkpoint field that is None (the `tiny`
+and `toy` profiles) is built here from config with random weights by `build_processor`,
+`build_encoder`, `build_unet` and `build_vae`: the real architectures (Idefics2 with a Mistral
+LM, SDXL's UNet with text_time conditioning, AutoencoderKL) at a small size, so a small model
+runs the same code, save and load included, as the paper's. The adapter is always new.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ _TINY_CORPUS = (
 )
 
 
-def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -61,13 +63,13 @@ def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_processor(image_size: int) -> Idefics2Processor:
+def build_processor(image_size: int) -> Idefics2Processor:
     image_processor = Idefics2ImageProcessor(do_image_splitting=False)
-    processor = Idefics2Processor(image_processor, tiny_tokenizer())
+    processor = Idefics2Processor(image_processor, build_tokenizer())
     return configure_processor(processor, image_size)
 
 
-def tiny_encoder(processor: Idefics2Processor, image_size: int) -> MUMUEncoder:
+def build_encoder(processor: Idefics2Processor, image_size: int) -> MUMUEncoder:
     tokenizer = processor.tokenizer
     config = Idefics2Config(
         vision_config=dict(
@@ -96,7 +98,7 @@ def tiny_encoder(processor: Idefics2Processor, image_size: int) -> MUMUEncoder:
     return MUMUEncoder(config)
 
 
-def tiny_unet(
+def build_unet(
     cross_attention_dim: int = 32,
     pooled_dim: int = 32,
     *,
@@ -129,7 +131,7 @@ def tiny_unet(
     )
 
 
-def tiny_vae(block_out_channels: tuple[int, int] = (16, 32), sample_size: int = 64) -> AutoencoderKL:
+def build_vae(block_out_channels: tuple[int, int] = (16, 32), sample_size: int = 64) -> AutoencoderKL:
     # Two blocks: the VAE downsamples by 2 (SDXL's by 8), so tiny images have large latents.
     return AutoencoderKL(
         in_channels=3,
@@ -167,8 +169,8 @@ def build_pipeline(config: ModelConfig) -> MUMUPipeline:
     dtype = DTYPES[config.dtype]
     torch.manual_seed(config.seed)
     if config.encoder is None:
-        processor = tiny_processor(config.image_size)
-        encoder = tiny_encoder(processor, config.image_size)
+        processor = build_processor(config.image_size)
+        encoder = build_encoder(processor, config.image_size)
     else:
         encoder = MUMUEncoder.from_pretrained(config.encoder, dtype=dtype)
         processor = configure_processor(Idefics2Processor.from_pretrained(config.encoder), config.image_size)
@@ -178,8 +180,8 @@ def build_pipeline(config: ModelConfig) -> MUMUPipeline:
         vae = AutoencoderKL.from_pretrained(config.vae, torch_dtype=dtype, use_safetensors=True)
     if config.sdxl is None:
         if vae is None:
-            vae = tiny_vae(sample_size=config.resolution)
-        unet = tiny_unet(sample_size=config.resolution // vae_scale_factor(vae), block_out_channels=config.unet_channels)
+            vae = build_vae(sample_size=config.resolution)
+        unet = build_unet(sample_size=config.resolution // vae_scale_factor(vae), block_out_channels=config.unet_channels)
         schedule = {**SDXL_SCHEDULE, "beta_schedule": config.noise_schedule}
         scheduler = DDIMScheduler(**schedule, prediction_type=config.prediction_type)
     else:

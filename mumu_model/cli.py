@@ -1,4 +1,5 @@
-"""The `mumu` command line.
+"""The `mumu` command line: generate, demo, init, train, lora merge, and the subcommands other
+packages register under the `mumu.commands` entry points (`mumu eval`, from the `eval` package).
 
 User mistakes (a malformed prompt, a missing model folder, a bad option) end with one line on
 stderr and exit status 2, never a traceback.
@@ -12,8 +13,8 @@ import json
 import math
 import os
 import sys
-import warnings
 from collections.abc import Mapping
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,52 +24,12 @@ if TYPE_CHECKING:
     import torch
 
 
+# The entry-point group of subcommand plugins (pyproject.toml: [project.entry-points."mumu.commands"]).
+COMMAND_PLUGINS = "mumu.commands"
+
+
 class UsageError(ValueError):
     """A mistake of the user's, reported in one line."""
-
-
-# The weight dtypes a pipeline runs in, by name; the same three as `build.DTYPES` (kept here as
-# names so that checking a command line does not import diffusers and transformers).
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
-_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-
-
-def resolve_device_dtype(
-    device: str | None = None, dtype: str | torch.dtype | None = None
-) -> tuple[str, torch.dtype]:
-    """The device and weight dtype to run a pipeline in, from what a user typed.
-
-    `device`: "cpu", "cuda:N", "mps", or None / "auto" / "cuda" for this worker's GPU
-    ("cuda:<i>" from MUMU_DEVICE, LOCAL_RANK or CUDA_VISIBLE_DEVICES, see `mumu_model.devices`)
-    when `torch.cuda.is_available()`, else cpu ("cuda" then fails). `dtype`: "float32",
-    "bfloat16" or "float16" (also fp32, bf16, fp16) or a `torch.dtype`; None: bfloat16 on cuda,
-    float32 elsewhere.
-
-    Returns (device string, torch dtype). Raises `ValueError`, in one line naming the value, for
-    an unknown device or dtype, a device this machine does not have, or float16 on the CPU
-    (many CPU kernels lack it; bfloat16 works there).
-    """
-    import torch
-
-    from .devices import worker_device
-
-    parsed = torch.device(worker_device(device, setting="device"))
-
-    if dtype is None:
-        resolved = torch.bfloat16 if parsed.type == "cuda" else torch.float32
-    elif isinstance(dtype, torch.dtype):
-        resolved = dtype
-    else:
-        key = str(dtype).strip().lower().removeprefix("torch.")
-        key = _DTYPE_ALIASES.get(key, key)
-        if key not in DTYPE_NAMES:
-            raise ValueError(f"dtype {dtype!r}: unknown; use {', '.join(DTYPE_NAMES)}")
-        resolved = getattr(torch, key)
-    if resolved not in tuple(getattr(torch, n) for n in DTYPE_NAMES):
-        raise ValueError(f"dtype {dtype!r}: unsupported; use {', '.join(DTYPE_NAMES)}")
-    if resolved == torch.float16 and parsed.type == "cpu":
-        raise ValueError(f"dtype float16 on device {str(parsed)!r}: not supported on the CPU; use float32 or bfloat16")
-    return str(parsed), resolved
 
 
 def pipeline_size_multiple(folder: str | os.PathLike) -> int | None:
@@ -124,6 +85,8 @@ def check_output_file(flag: str, path: Path) -> None:
 
 def device_and_dtype(args: argparse.Namespace) -> tuple[str, torch.dtype]:
     """`resolve_device_dtype` of a command's `--device` and `--dtype`; errors name the flag."""
+    from .devices import resolve_device_dtype
+
     try:
         return resolve_device_dtype(args.device, args.dtype)
     except ValueError as err:  # "device 'gpu': ..." -> "--device 'gpu': ..."
@@ -137,10 +100,10 @@ def _may_be_hub_id(value: str) -> bool:
 
 def _pipeline_source(model: str) -> str:
     """A local pipeline folder, checked complete without loading it, or a hub id."""
+    from .loading import PipelineFolderError, check_pipeline_folder
+
     path = Path(model)
     if path.exists():
-        from eval.run import PipelineFolderError, check_pipeline_folder
-
         try:
             check_pipeline_folder(path)
         except PipelineFolderError as err:
@@ -157,21 +120,17 @@ def _first_line(err: BaseException) -> str:
 
 
 def _load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype | None = None):
-    """Load the pipeline in `dtype` (None: as saved) and move it to `device`."""
-    from .pipeline import MUMUPipeline
+    """`load_pipeline` of `--model`, its errors naming the flag."""
+    from .loading import PipelineFolderError, load_pipeline
 
     source = _pipeline_source(model)
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     try:
-        with warnings.catch_warnings():
-            # diffusers' rename of torch_dtype (a FutureWarning) would add lines to a one-line error.
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
-            pipe = MUMUPipeline.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, KeyError) as err:
+        return load_pipeline(source, device, dtype)
+    except PipelineFolderError as err:
+        first = _first_line(err.__cause__ if err.__cause__ is not None else err)
         if not Path(model).exists():  # "outputs/typo" is taken for a hub id, and is more likely a typo
-            raise UsageError(f"--model {model}: no such folder (as a hub id: {_first_line(err)})") from err
-        raise UsageError(f"--model {model}: cannot load the pipeline: {_first_line(err)}") from err
-    return pipe.to(device)
+            raise UsageError(f"--model {model}: no such folder (as a hub id: {first})") from err
+        raise UsageError(f"--model {model}: cannot load the pipeline: {first}") from err
 
 
 def _silence_libraries() -> None:
@@ -446,9 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--scale", type=float, default=1.0)
     merge.set_defaults(func=cmd_lora_merge)
 
-    from eval.cli import add_eval_commands
-
-    add_eval_commands(commands)
+    # Packages that add commands (the `eval` package adds `mumu eval`) register a function
+    # `add_commands(subparsers)` under this entry-point group; the library imports none of them.
+    for entry_point in sorted(entry_points(group=COMMAND_PLUGINS), key=lambda e: e.name):
+        entry_point.load()(commands)
     return parser
 
 

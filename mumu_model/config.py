@@ -100,7 +100,8 @@ PROFILES: dict[str, ModelConfig] = {
     ),
     # The embedded default: 32 px renders of coloured shapes, a VAE trained by the data
     # graph (set `vae`), crops of 28 px = 4 tokens, a 3-layer width-128 adapter, UNet (32, 64, 64),
-    # v-prediction: with epsilon, 600 steps gave samples that ignored the prompt.
+    # v-prediction: a model this small learns to follow the prompt only with it (see
+    # docs/toy_learning.md).
     "toy": ModelConfig(
         encoder=None,
         sdxl=None,

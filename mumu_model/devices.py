@@ -1,4 +1,4 @@
-"""Which accelerator a worker process runs its models on.
+"""Which accelerator a worker process runs its models on, and in which weight dtype.
 
 On a multi-GPU host many workers run side by side, one per GPU, started by torchrun, Slurm,
 Ray or a run launcher. Each must use its own GPU: a bare "cuda" is the current device, GPU 0
@@ -15,6 +15,8 @@ This worker's device, a GPU among those CUDA lets it see, is:
 - else, or when that index is past the visible devices while `CUDA_VISIBLE_DEVICES` is set,
   `cuda:0`: the launcher already narrowed the visible set to this worker's GPUs (Ray GPU
   actors, one GPU per Kubernetes pod, Slurm `--gpus-per-task`), so the first one is its own.
+
+`resolve_device_dtype` turns what a user typed (a device and a dtype name) into both.
 """
 
 from __future__ import annotations
@@ -192,3 +194,42 @@ def _visible_device_ids(count: int) -> list[str]:
         return [str(i) for i in range(count)]
     ids = [part.strip() for part in listed.split(",") if part.strip()]
     return ids[:count]
+
+
+# The weight dtypes a pipeline runs in, by name (the same three as `build.DTYPES`).
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def resolve_device_dtype(
+    device: str | None = None, dtype: str | torch.dtype | None = None
+) -> tuple[str, torch.dtype]:
+    """The device and weight dtype to run a pipeline in, from what a user typed.
+
+    `device`: "cpu", "cuda:N", "mps", or None / "auto" / "cuda" for this worker's GPU
+    ("cuda:<i>" from MUMU_DEVICE, LOCAL_RANK or CUDA_VISIBLE_DEVICES, see `mumu_model.devices`)
+    when `torch.cuda.is_available()`, else cpu ("cuda" then fails). `dtype`: "float32",
+    "bfloat16" or "float16" (also fp32, bf16, fp16) or a `torch.dtype`; None: bfloat16 on cuda,
+    float32 elsewhere.
+
+    Returns (device string, torch dtype). Raises `ValueError`, in one line naming the value, for
+    an unknown device or dtype, a device this machine does not have, or float16 on the CPU
+    (many CPU kernels lack it; bfloat16 works there).
+    """
+    parsed = torch.device(worker_device(device, setting="device"))
+
+    if dtype is None:
+        resolved = torch.bfloat16 if parsed.type == "cuda" else torch.float32
+    elif isinstance(dtype, torch.dtype):
+        resolved = dtype
+    else:
+        key = str(dtype).strip().lower().removeprefix("torch.")
+        key = _DTYPE_ALIASES.get(key, key)
+        if key not in DTYPE_NAMES:
+            raise ValueError(f"dtype {dtype!r}: unknown; use {', '.join(DTYPE_NAMES)}")
+        resolved = getattr(torch, key)
+    if resolved not in tuple(getattr(torch, n) for n in DTYPE_NAMES):
+        raise ValueError(f"dtype {dtype!r}: unsupported; use {', '.join(DTYPE_NAMES)}")
+    if resolved == torch.float16 and parsed.type == "cpu":
+        raise ValueError(f"dtype float16 on device {str(parsed)!r}: not supported on the CPU; use float32 or bfloat16")
+    return str(parsed), resolved

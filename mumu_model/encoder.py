@@ -66,12 +66,17 @@ def prepare_conditioning_image(image: Image.Image, image_size: int) -> Image.Ima
     return pad_to_square(image).resize((image_size, image_size), Image.Resampling.BICUBIC)
 
 
+def reserved_tokens(processor: Idefics2Processor) -> list[str]:
+    """The strings the processor gives a meaning of its own: a prompt may not hold them as text."""
+    return [processor.image_token, processor.fake_image_token, str(processor.end_of_utterance_token)]
+
+
 def encoder_inputs(
     processor: Idefics2Processor, prompts: list[MultimodalPrompt]
 ) -> dict[str, torch.Tensor]:
     """Tokenize a batch of multimodal prompts through the real Idefics2 processor."""
     image_size = processor_image_size(processor)
-    reserved = [processor.image_token, processor.fake_image_token, str(processor.end_of_utterance_token)]
+    reserved = reserved_tokens(processor)
     texts, images = [], []
     for index, prompt in enumerate(prompts):
         for part in prompt.parts:

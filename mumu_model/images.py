@@ -1,4 +1,4 @@
-"""Safe image loading shared by the whole project (prompts now, datasets later).
+"""Safe image loading shared by the whole project (prompts, datasets, the demo).
 
 Every image that enters MUMU goes through `load_image`, so a bad file fails here with one clear
 `ImageLoadError` instead of deep inside a processor or a DataLoader worker. Images come out as

@@ -45,7 +45,7 @@ import mlflow.pyfunc
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from .training.tracking import TRAINED_BY_TAG, ensure_experiment, project_tracking_uri, training_mlflow_run
+from .tracking import TRAINED_BY_TAG, ensure_experiment, project_tracking_uri, training_mlflow_run
 
 PIPELINE_ARTIFACT = "pipeline"
 MODEL_NAME = "model"  # the logged model's name inside its run
@@ -70,16 +70,13 @@ class MUMUPyfuncModel(mlflow.pyfunc.PythonModel):
     docstring."""
 
     def load_context(self, context) -> None:
-        from .cli import resolve_device_dtype
-        from .pipeline import MUMUPipeline
+        from .devices import resolve_device_dtype
+        from .loading import load_pipeline
 
         config = {**DEFAULT_MODEL_CONFIG, **(context.model_config or {})}
         device, dtype = resolve_device_dtype(config["device"], config["dtype"])
-        with warnings.catch_warnings():  # diffusers' rename of torch_dtype, which it still reads
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
-            pipe = MUMUPipeline.from_pretrained(context.artifacts[PIPELINE_ARTIFACT], torch_dtype=dtype)
-        pipe.set_progress_bar_config(disable=True)
-        self.pipe = pipe.to(device)
+        self.pipe = load_pipeline(context.artifacts[PIPELINE_ARTIFACT], device, dtype)
+        self.pipe.set_progress_bar_config(disable=True)
         self.steps = int(config["steps"])
         self.guidance = float(config["guidance"])
 
@@ -237,7 +234,7 @@ def register_pipeline(
             raises ValueError); it is copied into the run's artifacts.
         name: the registered model (created on first use).
         tracking_uri: the store, which is also the registry; default
-            `mumu_model.training.tracking.project_tracking_uri()`.
+            `mumu_model.tracking.project_tracking_uri()`.
         run_id: the run to log the model into, e.g. the evaluation run that scored the
             pipeline, so that the version's run holds its metrics; None starts a run in the
             `mumu-registry` experiment.

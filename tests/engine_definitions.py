@@ -5,7 +5,7 @@ location of a workspace.yaml), never imported by the tests themselves."""
 import time
 
 from mumu_assets.definitions import build_definitions
-from mumu_assets.resources import SynthesisBackend
+from mumu_assets.profiles.toy import ToyRendererSynthesis
 
 
 class _Pausing:
@@ -18,11 +18,11 @@ class _Pausing:
             yield item
 
 
-class PausingSynthesis(SynthesisBackend):
+class PausingSynthesis(ToyRendererSynthesis):
     pause_s: float = 0.15
 
     def build_synthesizer(self, height: int, width: int, steps: int, guidance: float, batch_size: int):
         return _Pausing(super().build_synthesizer(height, width, steps, guidance, batch_size), self.pause_s)
 
 
-defs = build_definitions(resources={"synthesis_backend": PausingSynthesis(backend="toy", defect_probability=0.1)})
+defs = build_definitions(resources={"synthesis_backend": PausingSynthesis(defect_probability=0.1)})

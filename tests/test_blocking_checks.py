@@ -11,7 +11,7 @@ import pytest
 
 from mumu_assets.definitions import build_definitions
 from mumu_assets.materialize import failed_upstream_checks, materialize
-from mumu_assets.profiles import toy_resources
+from mumu_assets.profiles.toy import toy_resources
 from mumu_model.data import steps
 
 SHARD = "00000"

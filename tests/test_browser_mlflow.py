@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from eval.run import EvalModels, evaluate
-from mumu_model.data.tiny_models import tiny_clip
+from mumu_model.testing import tiny_clip
 
 from .browser import ARTIFACTS, REPO, Server, free_port, headless_chromium
 

@@ -26,7 +26,7 @@ from mumu_model.data.detection import (
     with_head_query,
 )
 from mumu_model.data.report import Skipped
-from mumu_model.data.tiny_models import tiny_depth_anything
+from mumu_model.testing import tiny_depth_anything
 from mumu_model.prompt import MultimodalPrompt
 
 # scikit-image's astronaut (512x512, CC0) with boxes drawn by hand.

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mumu_model.cli import DTYPE_NAMES, main, resolve_device_dtype
+from mumu_model.cli import main
+from mumu_model.devices import DTYPE_NAMES, resolve_device_dtype
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,7 +128,7 @@ def no_model_loading(monkeypatch):
         raise AssertionError("a model was loaded before the arguments were checked")
 
     monkeypatch.setattr(MUMUPipeline, "from_pretrained", refuse)
-    monkeypatch.setattr("eval.run._load_scorers", refuse)
+    monkeypatch.setattr("eval.run.load_scorers", refuse)
 
 
 def _one_line_error(capsys) -> str:

@@ -20,7 +20,7 @@ from mumu_model.data.content_style import (
     split_prompts,
 )
 from mumu_model.data.report import Skipped
-from mumu_model.data.tiny_models import tiny_causal_lm
+from mumu_model.testing import tiny_causal_lm
 
 PROMPT = "a castle on a hill at sunset, oil painting, by greg rutkowski, trending on artstation"
 VALID = json.dumps({"content": "a castle on a hill at sunset", "style": "oil painting, by greg rutkowski"})

@@ -13,9 +13,9 @@ from mumu_assets.definitions import build_definitions
 from mumu_assets.partitions import SHARDS
 from mumu_assets.resources import (
     ContentStyleBackend, ControlImageModels, DatasetStorage, DetectorBackend, RealImageModels,
-    ScorerBackend, SynthesisBackend,
+    ScorerBackend, SDXLSynthesis,
 )
-from mumu_model.data import tiny_models
+from mumu_model import testing
 from mumu_model.data.shards import read_shard, sample_prompt
 from mumu_model.data.versioning import dvc_hash
 
@@ -28,11 +28,11 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     words = ["man", "dog", "car", "cat", "lighthouse", "woman", "scooter", "head", "girl", "horse"]
     return {
-        "sdxl": tiny_models.tiny_sdxl_pipeline(root / "sdxl"),
-        "clip": tiny_models.tiny_clip(root / "clip"),
-        "gdino": tiny_models.tiny_grounding_dino(root / "gdino", words),
-        "detr": tiny_models.tiny_detr(root / "detr", num_queries=1),
-        "llava": tiny_models.tiny_llava_next(root / "llava"),
+        "sdxl": testing.tiny_sdxl_pipeline(root / "sdxl"),
+        "clip": testing.tiny_clip(root / "clip"),
+        "gdino": testing.tiny_grounding_dino(root / "gdino", words),
+        "detr": testing.tiny_detr(root / "detr", num_queries=1),
+        "llava": testing.tiny_llava_next(root / "llava"),
     }
 
 
@@ -52,7 +52,7 @@ def _resources(models, data_root):
     return {
         "storage": DatasetStorage(root=str(data_root)),
         "content_style_backend": ContentStyleBackend(backend="rules"),
-        "synthesis_backend": SynthesisBackend(model=str(models["sdxl"]), device="cpu"),
+        "synthesis_backend": SDXLSynthesis(model=str(models["sdxl"]), device="cpu"),
         "scorer_backend": ScorerBackend(model=str(models["clip"]), device="cpu"),
         "detector_backend": DetectorBackend(model=str(models["gdino"]), device="cpu"),
         "real_image_models": RealImageModels(

@@ -21,7 +21,7 @@ from mumu_model.data.detection import (
     with_head_query,
 )
 from mumu_model.data.report import Skipped
-from mumu_model.data.tiny_models import tiny_grounding_dino
+from mumu_model.testing import tiny_grounding_dino
 
 # Boxes drawn by hand on scikit-image's sample photos (CC0).
 ASTRONAUT = "A smiling woman in an orange spacesuit holding a white helmet, with an American flag"

@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from mumu_model.cli import resolve_device_dtype
+from mumu_model.devices import resolve_device_dtype
 from mumu_model.devices import check_worker_devices, worker_device
 
 ENVS = ("MUMU_DEVICE", "LOCAL_RANK", "SLURM_LOCALID", "CUDA_VISIBLE_DEVICES")
@@ -166,7 +166,7 @@ def test_every_resource_device_is_the_workers_gpu(monkeypatch):
     _fake_cuda(monkeypatch, 2)
     _env(monkeypatch, LOCAL_RANK="1")
     for resource in [
-        resources.ContentStyleBackend(), resources.SynthesisBackend(), resources.ScorerBackend(model="m"),
+        resources.ContentStyleBackend(), resources.SDXLSynthesis(), resources.ScorerBackend(model="m"),
         resources.DetectorBackend(), resources.RealImageModels(), resources.ControlImageModels(),
     ]:
         assert resources._device(resource) == "cuda:1", type(resource).__name__
@@ -191,7 +191,7 @@ def test_scorer_loads_on_the_workers_gpu(monkeypatch):
 
 
 def test_synthesis_loads_on_the_workers_gpu_in_its_dtype(monkeypatch):
-    from mumu_assets.resources import SynthesisBackend
+    from mumu_assets.resources import SDXLSynthesis
     from mumu_model.data import synthesis
 
     class StandIn:
@@ -201,10 +201,10 @@ def test_synthesis_loads_on_the_workers_gpu_in_its_dtype(monkeypatch):
     monkeypatch.setattr(synthesis, "SDXLSynthesizer", StandIn)
     _fake_cuda(monkeypatch, 2)
     _env(monkeypatch, LOCAL_RANK="1")
-    built = SynthesisBackend(model="sdxl", dtype="bfloat16").build_synthesizer(64, 64, 1, 5.0, 1)
+    built = SDXLSynthesis(model="sdxl", dtype="bfloat16").build_synthesizer(64, 64, 1, 5.0, 1)
     assert (built.device, built.dtype) == ("cuda:1", torch.bfloat16)
-    with pytest.raises(ValueError, match=re.escape("SynthesisBackend.dtype 'int8': unknown")):
-        SynthesisBackend(model="sdxl", dtype="int8").build_synthesizer(64, 64, 1, 5.0, 1)
+    with pytest.raises(ValueError, match=re.escape("SDXLSynthesis.dtype 'int8': unknown")):
+        SDXLSynthesis(model="sdxl", dtype="int8").build_synthesizer(64, 64, 1, 5.0, 1)
 
 
 def test_workers_sharing_a_pool_lease_different_devices_until_they_exit(tmp_path):

@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import Idefics2ForConditionalGeneration, Idefics2Processor
 
-from mumu_model.build import tiny_encoder, tiny_processor
+from mumu_model.build import build_encoder, build_processor
 from mumu_model.encoder import MUMUEncoder, PerceiverBypass, configure_processor, encoder_inputs
 from mumu_model.prompt import MultimodalPrompt
 
@@ -15,7 +15,7 @@ def _image_token_counts(processor, inputs):
 
 def test_tokens_per_image_follow_the_resolution(red_square):
     for image_size, budget in [(28, 4), (252, 324), (504, 1296)]:
-        processor = configure_processor(tiny_processor(28), image_size)
+        processor = configure_processor(build_processor(28), image_size)
         prompts = [MultimodalPrompt(["a ", red_square, " and ", red_square, " dog"]), MultimodalPrompt()]
         inputs = encoder_inputs(processor, prompts)
         assert _image_token_counts(processor, inputs) == [2 * budget, 0]
@@ -23,8 +23,8 @@ def test_tokens_per_image_follow_the_resolution(red_square):
 
 
 def test_every_patch_reaches_the_language_model(red_square):
-    processor = tiny_processor(56)  # 4x4 patches
-    encoder = tiny_encoder(processor, 56).eval()
+    processor = build_processor(56)  # 4x4 patches
+    encoder = build_encoder(processor, 56).eval()
     inputs = encoder_inputs(processor, [MultimodalPrompt([red_square, " dog"])])
     with torch.no_grad():
         out = encoder(**inputs)
@@ -34,9 +34,9 @@ def test_every_patch_reaches_the_language_model(red_square):
 
 def test_full_idefics2_checkpoint_loads_without_perceiver(tmp_path, red_square):
     """A real Idefics2 checkpoint (perceiver, LM head, `model.` prefix) loads into MUMUEncoder."""
-    processor = tiny_processor(28)
+    processor = build_processor(28)
     torch.manual_seed(0)
-    full = Idefics2ForConditionalGeneration(tiny_encoder(processor, 28).config).eval()
+    full = Idefics2ForConditionalGeneration(build_encoder(processor, 28).config).eval()
     full.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "model.safetensors")
@@ -66,6 +66,6 @@ def test_reserved_tokens_in_text_are_refused():
 
     from mumu_model.prompt import PromptError
 
-    processor = tiny_processor(28)
+    processor = build_processor(28)
     with pytest.raises(PromptError, match="reserved token"):
         encoder_inputs(processor, [MultimodalPrompt(["a <image> dog"])])

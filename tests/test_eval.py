@@ -17,14 +17,13 @@ import torch
 from PIL import Image, ImageDraw
 
 from eval.faces import ArcFaceEmbedder, face_similarity, load_face_embedder
-from eval.metrics import (
-    ClipEmbedder, DinoEmbedder, clip_i, clip_t, colour_chance, colour_probe, dino_score, multimodal_clip_score,
-    object_probe, objects_found, shape_chance, wilson_interval,
-)
-from eval.run import EvalModels, PipelineFolderError, check_pipeline_folder, evaluate, headline
+from eval.metrics import ClipEmbedder, DinoEmbedder, clip_i, clip_t, dino_score, multimodal_clip_score, wilson_interval
+from eval.run import EvalModels, evaluate
 from eval.suites import SuiteError, builtin_suites, load_entry, load_suite
 from mumu_model.data.detection import AnnotationsDetector
-from mumu_model.data.tiny_models import tiny_clip, tiny_dino, tiny_grounding_dino, tiny_sdxl_pipeline
+from mumu_model.loading import PipelineFolderError, check_pipeline_folder
+from mumu_model.testing import tiny_clip, tiny_dino, tiny_grounding_dino, tiny_sdxl_pipeline
+from mumu_model.toy.metrics import TOY_WORLD, colour_chance, colour_probe, object_probe, objects_found, shape_chance
 from mumu_model.toy.world import PALETTE
 
 
@@ -358,7 +357,7 @@ def colour_suite(root: Path) -> Path:
     disc("blue").save(images / "blue.png")
     path = root / "colours.yaml"
     path.write_text(
-        "name: colours\nversion: 1\nentries:\n"
+        "name: colours\nversion: 1\nworld: toy\nentries:\n"
         "  - id: one\n    prompt: 'a <img:red.png> circle, dotted style'\n"
         "    objects: [{image: red.png, phrase: circle, colour: red}]\n    references: [red.png]\n"
         "  - id: two\n    prompt: 'a <img:red.png> circle and a <img:blue.png> circle'\n"
@@ -387,9 +386,19 @@ def test_colour_entries_parse_and_unknown_colours_are_entry_errors(tmp_path):
     assert "unknown shape 'blob'" in str(suite.errors[2])
     assert "unknown colour 'mauve'" in str(suite.errors[0]) and str(suite.errors[0]).startswith("colours/mauve:")
     loaded = [load_entry(suite, e, max_images=4) for e in suite.entries]
-    assert [e.colours for e in loaded] == [["red"], ["red", "blue"], []]
-    # The object probe needs colour and shape on every object of the entry.
-    assert [e.coloured_shapes for e in loaded] == [[], [("red", "circle"), ("blue", "circle")], []]
+    assert [e.world_objects for e in loaded] == [[("red", None)], [("red", "circle"), ("blue", "circle")], []]
+
+
+def test_colours_need_a_registered_world(tmp_path):
+    path = colour_suite(tmp_path)
+    text = path.read_text()
+    path.write_text(text.replace("world: toy\n", ""))
+    suite = load_suite(path)
+    assert [e.id for e in suite.entries] == ["words"]
+    assert "names a colour, but the suite names no world" in str(suite.errors[0])
+    path.write_text(text.replace("world: toy", "world: moon"))
+    with pytest.raises(SuiteError, match="unknown world 'moon'; registered worlds: toy"):
+        load_suite(path)
 
 
 def test_colour_probe_on_drawn_images():
@@ -442,10 +451,10 @@ def test_wilson_interval_and_headline():
     assert all(math.isnan(v) for v in wilson_interval(0, 0))
     one = {"colour_match": 0.85, "colour_match_ci_low": 0.78, "colour_match_ci_high": 0.9, "obj_shape": 0.6,
            "colour_match_text_only": 0.1, "n_objects": 1.0}
-    assert headline(one) == "colour 85.0% (78%-90%), shape 60.0%, text-only colour 10.0%"
+    assert TOY_WORLD.headline(one) == "colour 85.0% (78%-90%), shape 60.0%, text-only colour 10.0%"
     two = {"colour_match": 0.7, "all_colours": 0.5, "obj_colour": 0.65, "all_colours_text_only": 0.02, "n_objects": 2.0}
-    assert headline(two) == "all colours 50.0%, per object 65.0%, text-only all colours 2.0%"
-    assert headline({"clip_t": 0.3}) == ""
+    assert TOY_WORLD.headline(two) == "all colours 50.0%, per object 65.0%, text-only all colours 2.0%"
+    assert TOY_WORLD.headline({"clip_t": 0.3}) == ""
 
 
 # -- the text-only ablation, end to end ----------------------------------------------------

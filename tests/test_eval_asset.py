@@ -11,7 +11,7 @@ from PIL import Image
 from mumu_assets import eval_assets
 from mumu_assets.eval_assets import EvalModelsResource, evaluation
 from mumu_assets.resources import DatasetStorage
-from mumu_model.data.tiny_models import tiny_clip, tiny_dino, tiny_grounding_dino
+from mumu_model.testing import tiny_clip, tiny_dino, tiny_grounding_dino
 from mumu_model.testing import tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def test_evaluation_defaults_come_from_params_and_probe_figures_surface(tiny_pip
     (tmp_path / "images").mkdir()
     Image.new("RGB", (16, 16), (220, 30, 30)).save(tmp_path / "images" / "red.png")
     suite = tmp_path / "colours.yaml"
-    suite.write_text("name: colours\nversion: 1\nentries:\n  - id: one\n    prompt: 'a <img:red.png> circle'\n"
+    suite.write_text("name: colours\nversion: 1\nworld: toy\nentries:\n  - id: one\n    prompt: 'a <img:red.png> circle'\n"
                      "    objects: [{image: red.png, phrase: circle, colour: red}]\n")
     try:
         # No `evaluation` group: the paper's protocol.

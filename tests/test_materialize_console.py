@@ -12,7 +12,7 @@ import yaml
 
 from mumu_assets.definitions import build_definitions
 from mumu_assets.materialize import key_figures, materialize
-from mumu_assets.profiles import toy_resources
+from mumu_assets.profiles.toy import toy_resources
 
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = ["raw_prompts", "content_style"]

@@ -22,7 +22,7 @@ from mumu_model.data.real_images import (
     iter_webdataset,
 )
 from mumu_model.data.report import Skipped
-from mumu_model.data.tiny_models import tiny_detr, tiny_image_classifier, tiny_llava_next
+from mumu_model.testing import tiny_detr, tiny_image_classifier, tiny_llava_next
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from mumu_assets.resources import DatasetStorage
 from mumu_model import registry
 from mumu_model.training.checkpoint import FORMAT, STATE_FILE
 from mumu_model.training.config import TrainConfig
-from mumu_model.training.tracking import (
+from mumu_model.tracking import (
     TRAINED_BY_TAG,
     default_tracking_uri,
     project_tracking_uri,
@@ -68,7 +68,7 @@ def _colour_suite(tmp_path: Path) -> Path:
     (tmp_path / "images").mkdir(exist_ok=True)
     Image.new("RGB", (16, 16), (220, 30, 30)).save(tmp_path / "images" / "red.png")
     suite = tmp_path / "colours.yaml"
-    suite.write_text("name: colours\nversion: 1\nimage_root: images\nentries:\n  - id: one\n"
+    suite.write_text("name: colours\nversion: 1\nworld: toy\nimage_root: images\nentries:\n  - id: one\n"
                      "    prompt: 'a <img:red.png> circle'\n    objects: [{image: red.png, phrase: circle, colour: red}]\n")
     return suite
 

@@ -7,7 +7,7 @@ from transformers import CLIPModel, CLIPProcessor
 
 from mumu_model.data.report import Skipped
 from mumu_model.data.scoring import PickScorer, filter_by_score
-from mumu_model.data.tiny_models import tiny_clip
+from mumu_model.testing import tiny_clip
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Analytic shape and count metrics (eval.shapes) on the toy world's clean renders."""
+"""Analytic shape and count metrics (mumu_model.toy.shapes) on the toy world's clean renders."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval.shapes import (
+from mumu_model.toy.shapes import (
     ShapeTemplates,
     classify_shape,
     count_objects,

@@ -11,7 +11,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from mumu_assets.definitions import build_definitions
 from mumu_assets.materialize import materialize
-from mumu_assets.profiles import toy_resources
+from mumu_assets.profiles.toy import toy_resources
 from mumu_model.atomic import is_temp_name
 from mumu_model.data.storage import DatasetRoot, StorageError
 

@@ -6,7 +6,7 @@ import torch
 
 from mumu_model.data.report import Skipped
 from mumu_model.data.synthesis import SDXLSynthesizer
-from mumu_model.data.tiny_models import tiny_sdxl_pipeline
+from mumu_model.testing import tiny_sdxl_pipeline
 
 
 SIZE = 32  # pixels; the tiny VAE downsamples by 2, so 16x16 latents

@@ -14,7 +14,7 @@ import pytest
 
 from mumu_assets.definitions import build_definitions
 from mumu_assets.materialize import all_assets, materialize
-from mumu_assets.profiles import toy_resources
+from mumu_assets.profiles.toy import toy_resources
 from mumu_model.toy.suites import write_suite
 from mumu_model.toy.world import PALETTE
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from eval.metrics import object_probe
+from mumu_model.toy.metrics import object_probe
 from eval.suites import load_entry, load_suite
 from mumu_model.toy.suites import (
     COUNTS,
@@ -79,7 +79,7 @@ def test_entries_are_balanced_and_every_crop_is_its_object(kind):
         assert all(o.colour is None for o in scene.objects) and scene.background in BACKGROUNDS
         loaded = load_entry(suite, entry, max_images=4)
         assert loaded.prompt.num_images == len(objects)
-        assert loaded.coloured_shapes == [(o["colour"], o["shape"]) for o in objects]
+        assert loaded.world_objects == [(o["colour"], o["shape"]) for o in objects]
         for obj in objects:
             crop = Image.open(suite.image_root / obj["image"]).convert("RGB")
             if kind == "outside":

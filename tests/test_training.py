@@ -391,7 +391,7 @@ def test_reports_through_dagster_pipes_when_dagster_launches_it(tmp_path, shard)
 
 
 def test_no_pipes_outside_dagster(monkeypatch):
-    from mumu_model.training.tracking import _open_pipes
+    from mumu_model.tracking import _open_pipes
 
     monkeypatch.delenv("DAGSTER_PIPES_CONTEXT", raising=False)
     assert _open_pipes() is None

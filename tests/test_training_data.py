@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mumu_model.build import tiny_processor
+from mumu_model.build import build_processor
 from mumu_model.data.report import Skipped
 from mumu_model.data.shards import encode_image, json_bytes, read_shard, sample_prompt, write_shard
 from mumu_model.prompt import MultimodalPrompt
@@ -335,7 +335,7 @@ def test_all_bad_stream_raises_instead_of_looping(tmp_path, world_size):
     with pytest.raises(RuntimeError, match="none of the 4 samples"):
         next(iter(stream))
     assert dict(stream.skipped.counts) == {"bad_image": 1, "bad_record": 3}
-    loader = make_loader(_config(str(tmp_path / "bad.tar")), tiny_processor(28), 2, 0, world_size)
+    loader = make_loader(_config(str(tmp_path / "bad.tar")), build_processor(28), 2, 0, world_size)
     with pytest.raises(RuntimeError, match="none of the 4 samples"):
         next(iter(loader))
 
@@ -346,7 +346,7 @@ def test_all_bad_stream_raises_instead_of_looping(tmp_path, world_size):
 def test_collate_feeds_the_encoder_and_dropped_rows_are_the_guidance_branch(shards, pipe):
     from mumu_model.pipeline import encode_inputs
 
-    processor = tiny_processor(28)
+    processor = build_processor(28)
     samples = {s.key: s for s in islice(ShardStream(_config(shards, conditioning_dropout=0.0)), 8)}
     chosen = [samples["a1"], samples["a2"], samples["a3"]]
     chosen.append(TrainingSample("b1", samples["b1"].target, MultimodalPrompt(), dropped=True))
@@ -677,10 +677,10 @@ def test_latent_cache(shards, pipe, tmp_path, monkeypatch):
     # Another resolution or another VAE is another entry, never a stale hit.
     small = torch.nn.functional.interpolate(samples[0].target[None], size=8)[0]
     assert cache.get(samples[0].key, small).shape[-1] == first.shape[-1] // 2
-    from mumu_model.build import tiny_vae
+    from mumu_model.build import build_vae
 
     torch.manual_seed(123)
-    other = LatentCache(tmp_path / "latents", tiny_vae())
+    other = LatentCache(tmp_path / "latents", build_vae())
     assert other.directory != cache.directory
     assert not torch.equal(other.get(samples[0].key, samples[0].target), first) and other.misses == 1
 

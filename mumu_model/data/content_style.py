@@ -91,9 +91,8 @@ SYSTEM_INSTRUCTION = (
     "lighting, quality tags; empty if there is none. Use only words from the prompt. Answer "
     'with exactly one JSON object {"content": "...", "style": "..."} and nothing else.'
 )
-# Few-shot turns: the paper's own example (§4) and a short one. With the paper's alone,
-# SmolLM2-135M copied its words into half of the answers (5/10 valid on DiffusionDB-like
-# prompts); with both, 8/10.
+# Few-shot turns: the paper's own example (§4) and a short one. The second keeps a small model
+# from copying the first's words into its answers; see docs/toy_learning.md.
 FEW_SHOT_EXAMPLES: tuple[tuple[str, str], ...] = (
     (
         "a man and a dog hiking in the wilderness during the day, abstract, geometric, modernist, "

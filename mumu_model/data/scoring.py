@@ -8,7 +8,7 @@ LAION CLIP, text is truncated to 77 tokens, both embeddings are L2-normalised.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,15 @@ def pooled_features(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
+def embed_images(images: Sequence[Image.Image], batch_size: int, embed: Callable[[list[Image.Image]], torch.Tensor],
+                 dim: int) -> torch.Tensor:
+    """[N, dim] L2-normalised embeddings, float32 on the CPU, `batch_size` images at a time;
+    `embed` maps a batch (converted as everywhere in MUMU: alpha over black) to its features."""
+    chunks = [l2_normalize(embed([to_rgb(image) for image in images[start:start + batch_size]])).cpu()
+              for start in range(0, len(images), batch_size)]
+    return torch.cat(chunks) if chunks else torch.empty(0, dim)
+
+
 class ClipEmbedder:
     """L2-normalised CLIP image and text embeddings (`CLIPModel`), in batches, float32 on the
     CPU. The one CLIP wrapper of the project: PickScore here, CLIP-I/CLIP-T in `eval`."""
@@ -65,13 +74,12 @@ class ClipEmbedder:
     @torch.no_grad()
     def images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """[N, D]. Images are converted as everywhere in MUMU (alpha over black)."""
-        chunks = []
-        for start in range(0, len(images), self.batch_size):
-            batch = [to_rgb(image) for image in images[start : start + self.batch_size]]
+
+        def embed(batch: list[Image.Image]) -> torch.Tensor:
             pixels = self.processor.image_processor(images=batch, return_tensors="pt")["pixel_values"]
-            features = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
-            chunks.append(l2_normalize(pooled_features(features)).cpu())
-        return torch.cat(chunks) if chunks else torch.empty(0, self.model.config.projection_dim)
+            return pooled_features(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)))
+
+        return embed_images(images, self.batch_size, embed, self.model.config.projection_dim)
 
     @torch.no_grad()
     def texts(self, texts: Sequence[str]) -> torch.Tensor:

@@ -209,7 +209,8 @@ def write_suite(out_dir: str | Path, kind: str, *, name: str, count: int, seed: 
         "# Every crop comes from a different render (or, for `outside`, from other drawing code); the\n"
         "# prompt names shapes but never colours, so a colour can only come from its crop.\n"
     )
-    document = {"name": name, "version": SUITE_VERSION, "image_root": f"images/{name}", "entries": entries}
+    document = {"name": name, "version": SUITE_VERSION, "world": "toy", "image_root": f"images/{name}",
+                "entries": entries}
     path = out_dir / f"{name}.yaml"
     write_bytes_atomic(path, (header + yaml.safe_dump(document, sort_keys=False)).encode("utf-8"))
     return path

@@ -98,7 +98,7 @@ from ..atomic import write_bytes_atomic
 from ..data.captions import CONTROL_NAME
 from ..data.report import Skipped
 from ..data.shards import Sample, ShardError, decode_image, sample_json, sample_prompt
-from ..encoder import encoder_inputs
+from ..encoder import encoder_inputs, reserved_tokens
 from ..images import ImageLoadError, pad_to_square, to_rgb
 from ..prompt import MultimodalPrompt, PromptError
 
@@ -405,8 +405,8 @@ class ShardIndex:
 
     def digest(self) -> str:
         """Identifies the index a data state was taken on: shard names and keys, in order."""
-        # The bytes of "\n".join(f"{shard name}/{key}"), as before the index was flat arrays, so
-        # data states saved then still load.
+        # The sha256 of "\n".join(f"{shard name}/{key}"), streamed: the digest saved data states
+        # carry, so they keep loading.
         listing, separator = hashlib.sha256(), b""
         for shard, path in enumerate(self.paths):
             for index in range(self._shard_offsets[shard], self._shard_offsets[shard + 1]):
@@ -882,11 +882,6 @@ def collate(samples: list[TrainingSample], processor) -> dict:
     }
 
 
-def _reserved_tokens(processor) -> list[str]:
-    # The strings `encoder_inputs` refuses in prompt text (it raises PromptError on them).
-    return [processor.image_token, processor.fake_image_token, str(processor.end_of_utterance_token)]
-
-
 def _reserved_token_in(sample: TrainingSample, reserved: list[str]) -> str | None:
     text = sample.prompt.text_with_placeholders("")
     return next((token for token in reserved if token in text), None)
@@ -903,7 +898,7 @@ def batches(stream: ShardStream, processor, batch_size: int) -> Iterator[dict]:
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    reserved = _reserved_tokens(processor)
+    reserved = reserved_tokens(processor)
     batch: list[TrainingSample] = []
     for sample in stream:
         token = _reserved_token_in(sample, reserved)
@@ -995,7 +990,7 @@ class _ChunkDecoder(torch.utils.data.Dataset):
         self.config = config
         self.shards = [str(path) for path in shards]
         self.processor = processor
-        self.reserved = _reserved_tokens(processor)
+        self.reserved = reserved_tokens(processor)
 
     def __getitem__(self, chunk: tuple[_Slot, ...]) -> tuple[list[tuple[_Slot, _Encoded | _Bad]], torch.Tensor | None]:
         """((slot, result) for each slot, the usable samples' targets stacked or None)."""

@@ -9,10 +9,9 @@
     ema.load_state_dict(tensors)
 
 Why: sampling from an average of recent weights instead of the last step's weights smooths
-out the optimizer's noise; in this project's toy experiment EMA 0.999 raised colour
-match from 51% to 80%. The model knows nothing about it: the EMA holds its own "shadow"
-tensor per trainable parameter, in the same order, and only reads and (while swapped in)
-writes the parameters' values.
+out the optimizer's noise, and samples better (see docs/toy_learning.md). The model knows
+nothing about it: the EMA holds its own "shadow" tensor per trainable parameter, in the same
+order, and only reads and (while swapped in) writes the parameters' values.
 
 Warm-up as diffusers' `EMAModel`: the decay used at step t is min(decay, (1 + t) / (10 + t)),
 so the first updates mostly follow the weights (0.1 at t=0, 0.5 at t=8) and a short run's EMA

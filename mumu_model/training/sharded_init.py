@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..build import SDXL_SCHEDULE, build_adapter, tiny_encoder, tiny_processor, tiny_unet, tiny_vae
+from ..build import SDXL_SCHEDULE, build_adapter, build_encoder, build_processor, build_unet, build_vae
 from ..config import ModelConfig, load_model_config
 from ..encoder import MUMUEncoder, configure_processor
 from ..pipeline import MUMUPipeline, vae_scale_factor
@@ -190,9 +190,9 @@ def _meta_from_profile(config: TrainConfig, values: bool = True) -> tuple[MUMUPi
     built = nullcontext if values else _meta_parameters  # a factory: entered once per part
     torch.manual_seed(model_config.seed)
     if model_config.encoder is None:
-        processor = tiny_processor(model_config.image_size)
+        processor = build_processor(model_config.image_size)
         with built():
-            encoder = tiny_encoder(processor, model_config.image_size)
+            encoder = build_encoder(processor, model_config.image_size)
     else:
         folder = _local_folder(model_config.encoder, "encoder")
         with _meta_parameters():
@@ -204,9 +204,9 @@ def _meta_from_profile(config: TrainConfig, values: bool = True) -> tuple[MUMUPi
         vae = AutoencoderKL.from_pretrained(model_config.vae, use_safetensors=True)
     if model_config.sdxl is None:
         if vae is None:
-            vae = tiny_vae(sample_size=model_config.resolution)
+            vae = build_vae(sample_size=model_config.resolution)
         with built():
-            unet = tiny_unet(sample_size=model_config.resolution // vae_scale_factor(vae),
+            unet = build_unet(sample_size=model_config.resolution // vae_scale_factor(vae),
                              block_out_channels=model_config.unet_channels)
         schedule = {**SDXL_SCHEDULE, "beta_schedule": model_config.noise_schedule}
         scheduler = DDIMScheduler(**schedule, prediction_type=model_config.prediction_type)

@@ -2,7 +2,7 @@
 
 The dry run builds the model the config describes on the META device, so nothing is
 allocated, nothing is downloaded and it takes seconds on a CPU. It uses the trainer's own
-builders (`build_adapter`, the tiny builders, `MUMUTrainModel`, `add_loras`, `set_trainable`,
+builders (`mumu_model.build`'s, `MUMUTrainModel`, `add_loras`, `set_trainable`,
 `parallel.repeated_blocks`), so the counts are those of the real run. Checkpoint sources are
 read as configs only: a local folder's config.json, or the bundled public config of the hub ids
 the paper uses (`mumu_model.paper_configs`); any other hub id is an error naming its field.
@@ -60,7 +60,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..build import build_adapter, tiny_encoder, tiny_processor, tiny_unet, tiny_vae
+from ..build import build_adapter, build_encoder, build_processor, build_unet, build_vae
 from ..config import PATCH_SIZE, ModelConfig, load_model_config
 from ..paper_configs import config_dir
 from .checkpoint import STATE_FILE
@@ -149,8 +149,8 @@ def _meta_parts_from_profile(config: TrainConfig) -> tuple[nn.Module, nn.Module,
     model_config = _model_config(config)
     with torch.device("meta"):
         if model_config.encoder is None:
-            processor = tiny_processor(model_config.image_size)
-            encoder = tiny_encoder(processor, model_config.image_size)
+            processor = build_processor(model_config.image_size)
+            encoder = build_encoder(processor, model_config.image_size)
         else:
             folder = _source_dir(config, "encoder", model_config.encoder)
             encoder = MUMUEncoder(Idefics2Config.from_pretrained(folder))
@@ -159,8 +159,8 @@ def _meta_parts_from_profile(config: TrainConfig) -> tuple[nn.Module, nn.Module,
             folder = _source_dir(config, "vae", model_config.vae)
             vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder))
         if model_config.sdxl is None:
-            vae = vae if vae is not None else tiny_vae(sample_size=model_config.resolution)
-            unet = tiny_unet(sample_size=model_config.resolution // vae_scale_factor(vae),
+            vae = vae if vae is not None else build_vae(sample_size=model_config.resolution)
+            unet = build_unet(sample_size=model_config.resolution // vae_scale_factor(vae),
                              block_out_channels=model_config.unet_channels)
         else:
             folder = _source_dir(config, "sdxl", model_config.sdxl)

@@ -18,7 +18,7 @@ to every trainable tensor of a group (one group per module keeps the lrs inspect
 
 EMA (`ema_decay` > 0, `ema.EMA`): a moving average of exactly the trainable tensors, updated
 after every optimizer step. Validation generates with it swapped in, checkpoints save it
-(ema.safetensors) and resume restores it, and the exported pipeline / UNet LoRA are built
+(`ema.<name>` tensors) and resume restores it, and the exported pipeline / UNet LoRA are built
 from it; the raw weights keep training underneath.
 
 Runs. A run is identified by its recipe, its data version and its starting weights
@@ -67,7 +67,7 @@ from .checkpoint import STATE_FILE, CheckpointManager
 from .config import MODULES, TrainConfig, config_from_dict, load_train_config
 from .ema import EMA
 from .identity import RUN_FILE, content_hash, data_version, identity_differences, run_id, run_identity
-from .tracking import Tracker, validation_grid
+from ..tracking import Tracker, validation_grid
 
 logger = logging.getLogger("mumu.training")
 

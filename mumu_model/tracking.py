@@ -1,4 +1,8 @@
-"""Run tracking: MLflow (params, metrics, validation grids, the final pipeline) and Dagster Pipes.
+"""MLflow for the whole project, and Dagster Pipes for training runs.
+
+The store and its experiments (`project_tracking_uri`, `ensure_experiment`), batched logging
+(`log_batch`), the link from a pipeline folder to the run that trained it
+(`training_mlflow_run`), and a training run's `Tracker`: params, metrics, validation grids.
 
 Only rank 0 tracks; other ranks get a `Tracker` whose methods do nothing. The default MLflow
 store is a local sqlite file (MLflow 3's plain file store is in maintenance mode); a server
@@ -20,11 +24,12 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .config import TrainConfig
+from .training.config import TrainConfig
 
 logger = logging.getLogger("mumu.training")
 
@@ -71,8 +76,8 @@ def training_mlflow_run(pipeline_dir: str | Path) -> str | None:
     records one, else from the newest checkpoint's state.json. A folder that no training run
     wrote (`mumu init`, a copy) gives None.
     """
-    from .checkpoint import CheckpointManager, read_state
-    from .identity import RUN_FILE
+    from .training.checkpoint import CheckpointManager, read_state
+    from .training.identity import RUN_FILE
 
     run_dir = Path(pipeline_dir).resolve().parent
     run_file = run_dir / RUN_FILE
@@ -113,6 +118,13 @@ def ensure_experiment(client, name: str, uri: str, artifact_location: str | None
         return client.create_experiment(name, artifact_location=artifact_location or _artifact_location(uri))
     except MlflowException:  # another process created it in between
         return client.get_experiment_by_name(name).experiment_id
+
+
+def log_batch(client, run_id: str, params: Sequence = (), metrics: Sequence = ()) -> None:
+    """Log MLflow `Param`s and `Metric`s in as many calls as MLflow's per-call limit needs."""
+    for start in range(0, max(len(params), len(metrics)), MLFLOW_BATCH):
+        client.log_batch(run_id, params=list(params[start:start + MLFLOW_BATCH]),
+                         metrics=list(metrics[start:start + MLFLOW_BATCH]))
 
 
 class Tracker:
@@ -159,8 +171,7 @@ class Tracker:
         from mlflow.entities import Param
 
         items = [Param(key, value[:6000]) for key, value in params.items()]
-        for start in range(0, len(items), MLFLOW_BATCH):
-            self.client.log_batch(self.run_id, params=items[start : start + MLFLOW_BATCH])
+        log_batch(self.client, self.run_id, params=items)
 
     def info(self, message: str) -> None:
         """A line for Dagster's log when Dagster launched the run (the Python log has it anyway)."""
@@ -177,8 +188,7 @@ class Tracker:
 
         now = int(time.time() * 1000)
         items = [Metric(key, float(value), now, step) for key, value in metrics.items()]
-        for start in range(0, len(items), MLFLOW_BATCH):
-            self.client.log_batch(self.run_id, metrics=items[start : start + MLFLOW_BATCH])
+        log_batch(self.client, self.run_id, metrics=items)
 
     def log_image(self, image: Image.Image, artifact_file: str) -> None:
         if self.enabled:
@@ -250,7 +260,7 @@ def validation_grid(rows: list[tuple[str, list[Image.Image], list[Image.Image]]]
     at the outputs' size so crops can be compared with what the model drew; the prompt's
     text is written under each row.
     """
-    from ..images import pad_to_square
+    from .images import pad_to_square
 
     label = 14
     columns = max(len(inputs) for _, inputs, _ in rows) + 1 + max(len(outputs) for _, _, outputs in rows)
