@@ -13,13 +13,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
+from .atomic import write_bytes_atomic
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image, resolve_image_path, to_rgb
 
 Part = str | Image.Image
@@ -302,17 +302,7 @@ def _save_content_addressed(image: Image.Image, root: Path) -> str:
     path = root / name
     if path.exists():  # same name means same bytes
         return name
-    root.mkdir(parents=True, exist_ok=True)
-    # Temp file + rename in the same directory: a concurrent reader never sees half a PNG.
-    fd, temp_name = tempfile.mkstemp(dir=root, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-        os.chmod(temp_name, 0o644)  # mkstemp makes it private; it is a shared dataset file
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, data)  # a concurrent reader never sees half a PNG
     return name
 
 
