@@ -145,6 +145,13 @@ def build_vae(block_out_channels: tuple[int, int] = (16, 32), sample_size: int =
     )
 
 
+def build_scheduler(config: ModelConfig) -> DDIMScheduler:
+    """The sampler of a UNet built from config: SDXL's schedule with the config's betas and
+    prediction type, sampled with DDIM."""
+    schedule = {**SDXL_SCHEDULE, "beta_schedule": config.noise_schedule}
+    return DDIMScheduler(**schedule, prediction_type=config.prediction_type)
+
+
 def unet_pooled_dim(unet: UNet2DConditionModel) -> int:
     """The pooled text embedding SDXL's UNet adds to its time embedding (1280 for SDXL base)."""
     config = unet.config
@@ -182,8 +189,7 @@ def build_pipeline(config: ModelConfig) -> MUMUPipeline:
         if vae is None:
             vae = build_vae(sample_size=config.resolution)
         unet = build_unet(sample_size=config.resolution // vae_scale_factor(vae), block_out_channels=config.unet_channels)
-        schedule = {**SDXL_SCHEDULE, "beta_schedule": config.noise_schedule}
-        scheduler = DDIMScheduler(**schedule, prediction_type=config.prediction_type)
+        scheduler = build_scheduler(config)
     else:
         unet = UNet2DConditionModel.from_pretrained(config.sdxl, subfolder="unet", torch_dtype=dtype)
         if vae is None:

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..build import SDXL_SCHEDULE, build_adapter, build_encoder, build_processor, build_unet, build_vae
+from ..build import build_adapter, build_encoder, build_processor, build_scheduler, build_unet, build_vae
 from ..config import ModelConfig, load_model_config
 from ..encoder import MUMUEncoder, configure_processor
 from ..pipeline import MUMUPipeline, vae_scale_factor
@@ -208,8 +208,7 @@ def _meta_from_profile(config: TrainConfig, values: bool = True) -> tuple[MUMUPi
         with built():
             unet = build_unet(sample_size=model_config.resolution // vae_scale_factor(vae),
                              block_out_channels=model_config.unet_channels)
-        schedule = {**SDXL_SCHEDULE, "beta_schedule": model_config.noise_schedule}
-        scheduler = DDIMScheduler(**schedule, prediction_type=model_config.prediction_type)
+        scheduler = build_scheduler(model_config)
     else:
         folder = _local_folder(model_config.sdxl, "sdxl")
         with _meta_parameters():
