@@ -14,7 +14,7 @@ the `champion` alias by it).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -30,15 +30,17 @@ class RunMetrics:
 _SETTINGS = ("steps", "guidance", "seeds", "negative_prompt", "scheduler", "resolution", "dtype")
 
 # What ranks models, most specific first: the first of these an evaluation has. Which ones it
-# has follows from its suites: colour_match needs a world's coloured objects, face_sim
-# portraits, mm_clip objects and a detector; clip_t is there whenever CLIP is. All are
-# higher-is-better.
-MAIN_METRICS = ("colour_match", "face_sim", "mm_clip", "dino", "clip_i", "clip_t", "pickscore")
+# has follows from its suites: face_sim needs portraits, mm_clip objects and a detector; clip_t
+# is there whenever CLIP is. All are higher-is-better. A suite's world puts its own main metric
+# first (`eval.worlds`).
+MAIN_METRICS = ("face_sim", "mm_clip", "dino", "clip_i", "clip_t", "pickscore")
 
 
-def main_metric(metrics: Mapping[str, float]) -> str | None:
-    """The metric that ranks models on an evaluation with these (aggregate) metrics, or None."""
-    for name in MAIN_METRICS:
+def main_metric(metrics: Mapping[str, float], preferred: Sequence[str] = ()) -> str | None:
+    """The metric that ranks models on an evaluation with these (aggregate) metrics, or None:
+    the first of `preferred` (the suites' worlds' main metrics), then of `MAIN_METRICS`, that
+    the evaluation has."""
+    for name in (*preferred, *MAIN_METRICS):
         value = metrics.get(name)
         if value is not None and not math.isnan(value):
             return name

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from mumu_model.atomic import write_bytes_atomic
 from mumu_model.images import pad_to_square
-from mumu_model.tracking import absolute_tracking_uri, ensure_experiment, log_batch
+from mumu_model.tracking import ensure_experiment, log_batch
 
 from .suites import EntryError
 
@@ -45,20 +44,13 @@ class EvalResult:
     run_id: str | None = None
     tracking_uri: str | None = None
     headlines: dict[str, str] = field(default_factory=dict)  # per suite with a world: its figures in a line
+    ranked_by: list[str] = field(default_factory=list)  # the suites' worlds' main metrics (`compare.main_metric`)
 
     def metrics(self) -> dict[str, float]:
         """Flat, as logged: {"single_subject/clip_i": ..., "aggregate/clip_i": ...}."""
         flat = {f"{suite}/{name}": value for suite, values in self.suites.items() for name, value in values.items()}
         flat.update({f"aggregate/{name}": value for name, value in self.aggregate.items()})
         return flat
-
-
-def default_tracking_uri(out_dir: Path) -> str:
-    """$MLFLOW_TRACKING_URI if set, else a sqlite file beside `out_dir` (as training does), so
-    evaluations written next to each other land in one database to compare."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return absolute_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    return f"sqlite:///{Path(out_dir).resolve().parent / 'mlflow.db'}"
 
 
 def png(image: Image.Image) -> bytes:

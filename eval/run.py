@@ -37,10 +37,10 @@ import torch
 from mumu_model.devices import resolve_device_dtype
 from mumu_model.loading import PipelineFolderError, check_pipeline_folder, load_pipeline
 from mumu_model.pipeline import MUMUPipeline
-from mumu_model.tracking import TRAINED_BY_TAG, absolute_tracking_uri, training_mlflow_run
+from mumu_model.tracking import TRAINED_BY_TAG, project_tracking_uri, store_beside, training_mlflow_run
 
 from .generation import Sampling, free_memory, generate_sdxl, generate_suites
-from .reporting import EvalResult, default_tracking_uri, log_mlflow, write_report, write_summary
+from .reporting import EvalResult, log_mlflow, write_report, write_summary
 from .scoring import EvalModels, aggregate, load_scorers, score_entry, summarize
 from .suites import EntryError, Suite, load_suite
 from .worlds import load_world
@@ -88,7 +88,9 @@ def evaluate(
         device, dtype: where and in what the pipelines run, as `mumu_model.devices.resolve_device_dtype`
             reads them (default: cuda in bfloat16 when available, else cpu in float32); a
             loaded `MUMUPipeline` is used where and as it is.
-        tracking_uri: default `default_tracking_uri(out_dir)`.
+        tracking_uri: default $MLFLOW_TRACKING_URI, else `mlflow.db` beside `out_dir`
+            (`mumu_model.tracking.store_beside`), so evaluations written next to each other
+            land in one database to compare.
         text_only_ablation: also generate each entry that has images with its images removed
             (same seeds and sampling) and score those rows too (`variant` "text_only"; summary
             metrics with a `_text_only` suffix), to show what the images contribute.
@@ -175,12 +177,14 @@ def evaluate(
     }
     headlines = {name: line for name, world in worlds.items()
                  if world is not None and (line := world.headline(suite_metrics[name]))}
-    result = EvalResult(table, suite_metrics, totals, errors, settings, out_dir, headlines=headlines)
+    ranked_by = list(dict.fromkeys(world.main_metric for world in worlds.values() if world is not None))
+    result = EvalResult(table, suite_metrics, totals, errors, settings, out_dir, headlines=headlines,
+                        ranked_by=ranked_by)
     write_report(result, generated, names)
 
     # 5. MLflow.
     if mlflow_run:
-        result.tracking_uri = absolute_tracking_uri(tracking_uri) if tracking_uri else default_tracking_uri(out_dir)
+        result.tracking_uri = project_tracking_uri(tracking_uri, default=store_beside(out_dir))
         existing = mlflow_run if isinstance(mlflow_run, str) else None
         run_tags = dict(tags or {})
         trained_by = None if isinstance(pipeline, MUMUPipeline) else training_mlflow_run(pipeline)
@@ -201,6 +205,5 @@ __all__ = [
     "PipelineFolderError",
     "TRAINED_BY_TAG",
     "check_pipeline_folder",
-    "default_tracking_uri",
     "evaluate",
 ]

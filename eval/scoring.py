@@ -27,7 +27,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -35,10 +35,12 @@ import pandas as pd
 from mumu_model.data.detection import Detector
 
 from .faces import FaceEmbedder, face_similarity, load_face_embedder
-from .generation import Generated
 from .metrics import ClipEmbedder, DinoEmbedder, clip_i, clip_t, dino_score, multimodal_clip_score, wilson_interval
 from .suites import EntryError, prompt_words
 from .worlds import World
+
+if TYPE_CHECKING:
+    from .generation import Generated
 
 # Metrics averaged over rows (NaN rows left out), and (COUNT_METRICS) the counters summed.
 MEAN_METRICS = ("clip_t", "clip_i", "dino", "pickscore", "mm_clip", "face_sim", "face_dist", "sdxl_clip_t")
@@ -55,8 +57,6 @@ ABLATION_SUFFIX = "_text_only"
 _NOT_ABLATED = ("clip_t", "sdxl_clip_t")
 
 
-# The columns of a row that name the image rather than measure it.
-_ROW_FIELDS = ("suite", "entry", "variant", "seed", "image", "prompt", "text", "text_only")
 
 
 def _is_interval(name: str) -> bool:
@@ -233,9 +233,7 @@ def _variant_metrics(rows: pd.DataFrame, world: World | None) -> dict[str, float
     """Means over images (NaN left out), counts summed, found rates, a world's rates with their
     intervals."""
     metrics: dict[str, float] = {"images": float(len(rows))}
-    world_columns = [c for c in rows.columns if c not in _ROW_FIELDS and c not in MEAN_METRICS
-                     and c not in COUNT_METRICS and pd.api.types.is_numeric_dtype(rows[c])] if world else []
-    for name in (*MEAN_METRICS, *world_columns):
+    for name in (*MEAN_METRICS, *(world.means if world is not None else ())):
         if name in rows and rows[name].notna().any():
             metrics[name] = float(rows[name].mean())
     for name in COUNT_METRICS:

@@ -7,12 +7,18 @@ entry points (pyproject.toml), so this package imports none of them. A world pro
 
 - `colours`, `shapes`: the names a suite object may give as `colour` and `shape`;
 - `score(image, objects) -> dict`: one output's metrics, given the entry's objects as
-  (colour, shape) pairs (None where the suite names none). Floats, or strings for what was
+  (colour, shape) pairs (None where the suite names none). Numbers, or strings for what was
   seen; {} where nothing applies. A row with per-object rates also holds `n_objects`;
-- `rates`: {metric: "object" | "image"}: binomial rates over objects (`n_objects` trials a row)
-  or over images (one a row), reported with their 95% Wilson intervals;
+- `means`: the numeric metrics of `score` that a suite averages over its images;
+- `rates`: {metric: "object" | "image"}: those of `means` that are binomial rates, over
+  objects (`n_objects` trials a row) or over images (one a row);
+- `main_metric`: the rate that ranks models on the world's suites;
 - `chance(metrics) -> dict`: the chance levels of the rates a suite's metrics hold;
 - `headline(metrics) -> str`: a suite's figures in one line ("" when none apply).
+
+The suite metrics `chance` and `headline` read are named as `eval.scoring` names them: each
+rate with its 95% Wilson interval (`<rate>_ci_low`, `<rate>_ci_high`) and, for the text-only
+ablation, every metric again with a `_text_only` suffix.
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ WORLD_PLUGINS = "mumu.worlds"
 class World(Protocol):
     colours: Sequence[str]
     shapes: Sequence[str]
+    means: Sequence[str]
     rates: Mapping[str, Literal["object", "image"]]
+    main_metric: str
 
     def score(self, image: Image.Image, objects: Sequence[tuple[str | None, str | None]]) -> dict[str, float | str]: ...
 

@@ -372,7 +372,7 @@ def _caption_metadata(out, result: steps.StepResult, storage: DatasetStorage, na
     metadata["crop_area_histogram"] = histogram(areas, [0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0])
     metadata["preview"] = preview(table[["key", "prompt", "num_images"]])
     # data/previews is no DVC output: a picture for people, not part of the dataset version.
-    grid = PREVIEWS.path(storage) / name
+    grid = PREVIEWS.member(storage, name)
     if steps.preview_grid(out, grid):
         metadata["preview_grid"] = dg.MetadataValue.path(str(grid))
     return metadata

@@ -21,8 +21,14 @@ class Dataset:
     suffix: str = ""  # a sharded dataset's file suffix (".tar", ".parquet")
 
     def path(self, storage: _Storage, shard: str | None = None) -> Path:
-        """The dataset in `storage` (its local path), or one shard's file of it."""
+        """The dataset in `storage` (its local path), or one shard's file of it. With a URL root,
+        the whole dataset is fetched to the local mirror: ask for a shard, or a `member`, when
+        one is all a step reads or writes."""
         return storage.path(*self.parts) if shard is None else storage.path(*self.parts, f"{shard}{self.suffix}")
+
+    def member(self, storage: _Storage, name: str) -> Path:
+        """One file or folder `name` of the dataset in `storage` (only it is fetched)."""
+        return storage.path(*self.parts, name)
 
     def under(self, root: str | Path) -> Path:
         """The dataset under a local data folder."""

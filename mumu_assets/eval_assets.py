@@ -87,7 +87,7 @@ def evaluation(
     except ValueError as err:
         raise dg.Failure(description=f"evaluation config: {err}") from None
     context.log.info(f"evaluating on {device} in {str(dtype).removeprefix('torch.')}")
-    out_dir = EVALUATIONS.path(storage) / context.run_id
+    out_dir = EVALUATIONS.member(storage, context.run_id)
     tracking_uri = project_tracking_uri(config.tracking_uri, default=E.get("tracking_uri") or DEFAULT_TRACKING_URI)
     result = evaluate(
         config.pipeline, [Path(s) for s in config.suites], models=eval_models.models(), steps=config.steps,
@@ -131,13 +131,15 @@ def evaluation(
     return dg.MaterializeResult(metadata=metadata)
 
 
-def champion_decision(config: EvaluationConfig, aggregate: dict, errors: int) -> tuple[str | None, float | None]:
+def champion_decision(config: EvaluationConfig, aggregate: dict, errors: int,
+                      preferred: tuple[str, ...] = ()) -> tuple[str | None, float | None]:
     """(metric, value) that a registered evaluation competes with for the alias: the configured
-    metric or the suites' main one, as its `aggregate/` MLflow metric; value None when the
-    evaluation cannot compete (no such metric, or entry errors left it incomplete)."""
+    metric or the suites' main one (`preferred`: their worlds' main metrics first), as its
+    `aggregate/` MLflow metric; value None when the evaluation cannot compete (no such metric,
+    or entry errors left it incomplete)."""
     from eval.compare import main_metric
 
-    name = config.champion_metric or main_metric(aggregate)
+    name = config.champion_metric or main_metric(aggregate, preferred)
     if name is None:
         return None, None
     value = aggregate.get(name)
@@ -149,7 +151,7 @@ def _register(context: dg.AssetExecutionContext, config: EvaluationConfig, resul
     from mumu_model.registry import promote_if_better, register_pipeline
 
     version = register_pipeline(config.pipeline, config.model_name, result.tracking_uri, run_id=result.run_id)
-    metric, value = champion_decision(config, result.aggregate, len(result.errors))
+    metric, value = champion_decision(config, result.aggregate, len(result.errors), tuple(result.ranked_by))
     promoted = metric is not None and promote_if_better(
         config.model_name, version, metric, value, result.tracking_uri, alias=config.champion_alias)
     reference = f"models:/{config.model_name}@{config.champion_alias}"

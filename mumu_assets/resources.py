@@ -155,49 +155,28 @@ class ScorerBackend(_CachedBackend):
 
 
 class DetectorBackend(dg.ConfigurableResource):
-    """Boxes of caption phrases: `grounding_dino` (open-vocabulary detection through
-    transformers, `model` a hub id or folder) or `annotations` (the boxes a renderer knows,
-    read from the synthesis manifests `*.parquet` in the `annotations` folder)."""
+    """Boxes of caption phrases. Profiles pick the implementation: `GroundingDinoDetection`
+    (paper), the boxes the toy world's renderer knows (`mumu_assets.profiles.toy`)."""
 
-    backend: str = "grounding_dino"
+    def build_detector(self, box_threshold: float, text_threshold: float):
+        """A `mumu_model.data.detection.Detector`."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement build_detector")
+
+
+class GroundingDinoDetection(DetectorBackend):
+    """Open-vocabulary detection with GroundingDINO through transformers (`model` a hub id or folder)."""
+
     model: str | None = None
-    annotations: str | None = None
     device: str = "auto"
 
     def build_detector(self, box_threshold: float, text_threshold: float):
-        from mumu_model.data.detection import AnnotationsDetector, GroundingDinoDetector
+        from mumu_model.data.detection import GroundingDinoDetector
 
-        if self.backend == "annotations":
-            if not self.annotations:
-                raise ValueError("detector backend 'annotations' needs `annotations` (the synthesis manifests' folder)")
-            return AnnotationsDetector(_boxes_by_key(Path(self.annotations)))
-        if self.backend != "grounding_dino":
-            raise ValueError(f"unknown detector backend {self.backend!r}; use grounding_dino or annotations")
         if not self.model:
-            raise ValueError("detector backend 'grounding_dino' needs `model` (a path or hub id)")
+            raise ValueError(f"{type(self).__name__} needs `model` (a path or hub id)")
         return GroundingDinoDetector(
             self.model, box_threshold=box_threshold, text_threshold=text_threshold, device=_device(self)
         )
-
-
-def _boxes_by_key(folder: Path) -> dict[str, list[tuple[str, list[float]]]]:
-    """`{pair_id: [(shape, box), ...]}` from the manifests the synthesis step writes beside its shards."""
-    import json
-
-    import pandas as pd
-
-    manifests = sorted(folder.glob("*.parquet"))
-    if not manifests:
-        raise FileNotFoundError(f"no synthesis manifests (*.parquet) in {folder}: materialize synthetic_images first")
-    boxes: dict[str, list[tuple[str, list[float]]]] = {}
-    for manifest in manifests:
-        table = pd.read_parquet(manifest, columns=["pair_id", "annotations"])
-        for pair_id, drawn in zip(table["pair_id"], table["annotations"]):
-            if drawn is None:
-                continue
-            objects = json.loads(drawn).get("objects", [])
-            boxes[pair_id] = [(obj["shape"], obj["box"]) for obj in objects]
-    return boxes
 
 
 class RealImageModels(dg.ConfigurableResource):

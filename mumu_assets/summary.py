@@ -37,6 +37,13 @@ def defect_filter_stats(data_root: Path) -> dict | None:
     return defect_stats(table["defect"], ~table["key"].isin(set(pd.concat(kept)["key"])))
 
 
+def _tracking_uri() -> str:
+    """The store the evaluation asset logs to, as it finds it from this working directory."""
+    from mumu_model.tracking import DEFAULT_TRACKING_URI, project_tracking_uri
+
+    return project_tracking_uri(default=params(group="evaluation").get("tracking_uri") or DEFAULT_TRACKING_URI)
+
+
 def _latest_metadata(instance, asset: str) -> dict:
     import dagster as dg
 
@@ -59,14 +66,17 @@ def main() -> int:
     print("\n== What the model learned (evaluation asset) ==")
     headline = evaluation.get("headline")
     if headline:
-        print("Analytic probes of the outputs per test suite, 95% intervals in brackets (chance: colour 12.5%,")
-        print("shape 16.7%); `text-only` is the same prompts with their crops removed:")
+        chance = ", ".join(f"{key.removeprefix('aggregate/').removesuffix('_chance')} {value:.1%}"
+                           for key, value in evaluation.items() if key.startswith("aggregate/") and key.endswith("_chance"))
+        print("Analytic probes of the outputs per suite, 95% intervals in brackets"
+              + (f" (chance: {chance})" if chance else "") + ";")
+        print("`text-only` is the same prompts with their crops removed:")
         for part in str(headline).split("; "):
             print(f"  {part}")
     for name in ("clip_i", "clip_t", "pickscore"):
         value = evaluation.get(f"aggregate/{name}")
         if value is not None:
-            print(f"{name} (toy CLIP): {value:.4f}")
+            print(f"{name}: {value:.4f}")
     print(evaluation.get("summary", ""))
 
     defects = defect_filter_stats(Path(params()["root"]))
@@ -84,10 +94,9 @@ def main() -> int:
         # The README's picture: the main job's latest samples, at a fixed path in the repository.
         write_bytes_atomic(REPO_ROOT / published, Path(evaluation["samples"]).read_bytes())
         print(f"copied to {published}")
-    mlflow_db = REPO_ROOT / "runs" / "mlflow.db"
     print("\n== Look around ==")
     print(f"dagster dev -m mumu_assets.definitions -h 127.0.0.1 -p 3000     (DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
-    print(f"mlflow ui --backend-store-uri sqlite:///{mlflow_db} --host 127.0.0.1 --port 5000")
+    print(f"mlflow ui --backend-store-uri {_tracking_uri()} --host 127.0.0.1 --port 5000")
     print("(run them with .venv/bin/ in front, or after `source .venv/bin/activate`)")
     return 0
 

@@ -405,8 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--scale", type=float, default=1.0)
     merge.set_defaults(func=cmd_lora_merge)
 
-    # Packages that add commands (the `eval` package adds `mumu eval`) register a function
-    # `add_commands(subparsers)` under this entry-point group; the library imports none of them.
+    # Packages that add commands (the `eval` package adds `mumu eval`) register, under this
+    # entry-point group, a function that takes the subparsers; the library imports none of them.
     for entry_point in sorted(entry_points(group=COMMAND_PLUGINS), key=lambda e: e.name):
         entry_point.load()(commands)
     return parser

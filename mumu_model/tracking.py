@@ -61,11 +61,15 @@ def project_tracking_uri(configured: str | None = None, default: str = DEFAULT_T
     return absolute_tracking_uri(uri)
 
 
+def store_beside(output_dir: str | Path) -> str:
+    """A sqlite store in the parent of `output_dir`: `runs/mlflow.db` for `runs/stage1`, so runs
+    written next to each other (training stages, evaluations) land in one database."""
+    return f"sqlite:///{Path(output_dir).resolve().parent / 'mlflow.db'}"
+
+
 def default_tracking_uri(config: TrainConfig) -> str:
-    """`config.tracking_uri`, else $MLFLOW_TRACKING_URI, else `mlflow.db` in the output folder's
-    parent: `runs/mlflow.db` for `output_dir=runs/stageN`, the store evaluation uses too."""
-    beside_outputs = f"sqlite:///{Path(config.output_dir).resolve().parent / 'mlflow.db'}"
-    return project_tracking_uri(config.tracking_uri, default=beside_outputs)
+    """`config.tracking_uri`, else $MLFLOW_TRACKING_URI, else the store beside the output folder."""
+    return project_tracking_uri(config.tracking_uri, default=store_beside(config.output_dir))
 
 
 def training_mlflow_run(pipeline_dir: str | Path) -> str | None:

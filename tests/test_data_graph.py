@@ -12,7 +12,7 @@ from mumu_assets.data_assets import DATA_ASSETS
 from mumu_assets.definitions import build_definitions
 from mumu_assets.partitions import SHARDS
 from mumu_assets.resources import (
-    ContentStyleBackend, ControlImageModels, DatasetStorage, DetectorBackend, RealImageModels,
+    ContentStyleBackend, ControlImageModels, DatasetStorage, GroundingDinoDetection, RealImageModels,
     ScorerBackend, SDXLSynthesis,
 )
 from mumu_model import testing
@@ -54,7 +54,7 @@ def _resources(models, data_root):
         "content_style_backend": ContentStyleBackend(backend="rules"),
         "synthesis_backend": SDXLSynthesis(model=str(models["sdxl"]), device="cpu"),
         "scorer_backend": ScorerBackend(model=str(models["clip"]), device="cpu"),
-        "detector_backend": DetectorBackend(model=str(models["gdino"]), device="cpu"),
+        "detector_backend": GroundingDinoDetection(model=str(models["gdino"]), device="cpu"),
         "real_image_models": RealImageModels(
             captioner=str(models["llava"]), person_detector=str(models["detr"]), device="cpu"
         ),

@@ -167,11 +167,11 @@ def test_every_resource_device_is_the_workers_gpu(monkeypatch):
     _env(monkeypatch, LOCAL_RANK="1")
     for resource in [
         resources.ContentStyleBackend(), resources.SDXLSynthesis(), resources.ScorerBackend(model="m"),
-        resources.DetectorBackend(), resources.RealImageModels(), resources.ControlImageModels(),
+        resources.GroundingDinoDetection(), resources.RealImageModels(), resources.ControlImageModels(),
     ]:
         assert resources._device(resource) == "cuda:1", type(resource).__name__
-    with pytest.raises(ValueError, match=re.escape("DetectorBackend.device 'cuda:2': this machine has 2")):
-        resources._device(resources.DetectorBackend(device="cuda:2"))
+    with pytest.raises(ValueError, match=re.escape("GroundingDinoDetection.device 'cuda:2': this machine has 2")):
+        resources._device(resources.GroundingDinoDetection(device="cuda:2"))
 
 
 def test_scorer_loads_on_the_workers_gpu(monkeypatch):

@@ -19,6 +19,7 @@ from eval.run import EvalModels, evaluate
 from mumu_assets.eval_assets import EvaluationConfig, EvalModelsResource, champion_decision, evaluation
 from mumu_assets.resources import DatasetStorage
 from mumu_model import registry
+from mumu_model.toy.metrics import TOY_WORLD
 from mumu_model.training.checkpoint import FORMAT, STATE_FILE
 from mumu_model.training.config import TrainConfig
 from mumu_model.tracking import (
@@ -191,11 +192,12 @@ def test_promote_if_better_moves_the_alias_only_on_improvement(tiny_pipeline_dir
 
 def test_champion_decision_uses_the_suites_main_metric():
     aggregate = {"colour_match": 0.7, "colour_match_text_only": 0.1, "clip_t": 0.2, "images": 120.0}
-    assert main_metric(aggregate) == "colour_match"
+    toy = (TOY_WORLD.main_metric,)  # the suites' world ranks by its own metric first
+    assert main_metric(aggregate, toy) == "colour_match" and main_metric(aggregate) == "clip_t"
     assert main_metric({"clip_t": 0.2, "mm_clip": 0.3}) == "mm_clip" and main_metric({"images": 1.0}) is None
     config = EvaluationConfig()
-    assert champion_decision(config, aggregate, errors=0) == ("aggregate/colour_match", 0.7)
-    assert champion_decision(config, aggregate, errors=2) == ("aggregate/colour_match", None)  # incomplete
+    assert champion_decision(config, aggregate, errors=0, preferred=toy) == ("aggregate/colour_match", 0.7)
+    assert champion_decision(config, aggregate, errors=2, preferred=toy) == ("aggregate/colour_match", None)
     assert champion_decision(EvaluationConfig(champion_metric="clip_t"), aggregate, 0) == ("aggregate/clip_t", 0.2)
     assert champion_decision(config, {"images": 1.0}, 0) == (None, None)
 

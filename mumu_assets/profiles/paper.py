@@ -11,7 +11,7 @@ import dagster as dg
 from ..eval_assets import EvalModelsResource
 from ..params import params
 from ..resources import (
-    ContentStyleBackend, ControlImageModels, DatasetStorage, DetectorBackend, RealImageModels, ScorerBackend,
+    ContentStyleBackend, ControlImageModels, DatasetStorage, GroundingDinoDetection, RealImageModels, ScorerBackend,
     SDXLSynthesis,
 )
 from ..training_assets import TrainingCluster
@@ -36,7 +36,7 @@ RESOURCES = {
     "scorer_backend": ScorerBackend(
         model="yuvalkirstain/PickScore_v1", processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
     ),
-    "detector_backend": DetectorBackend(model="IDEA-Research/grounding-dino-base"),
+    "detector_backend": GroundingDinoDetection(model="IDEA-Research/grounding-dino-base"),
     "real_image_models": RealImageModels(
         captioner="llava-hf/llava-v1.6-mistral-7b-hf",
         person_detector="facebook/detr-resnet-50",

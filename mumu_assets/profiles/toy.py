@@ -9,6 +9,8 @@ This is the only module of the graph that imports the toy world.
 
 # No `from __future__ import annotations`: Dagster reads config and resource types from the
 # live annotations.
+from pathlib import Path
+
 import dagster as dg
 
 from mumu_model.data import steps
@@ -40,6 +42,38 @@ class ToyRendererSynthesis(SynthesisBackend):
         if height != width:
             raise ValueError(f"the toy renderer draws square images; got {width}x{height}")
         return ToyRenderer(size=height, defect_probability=self.defect_probability)
+
+
+class RendererBoxes(DetectorBackend):
+    """The boxes the renderer drew, read from the synthesis manifests (`*.parquet`) in the
+    `annotations` folder: what GroundingDINO finds in a real photograph, known exactly here."""
+
+    annotations: str
+
+    def build_detector(self, box_threshold: float, text_threshold: float):
+        from mumu_model.data.detection import AnnotationsDetector
+
+        return AnnotationsDetector(_boxes_by_key(Path(self.annotations)))
+
+
+def _boxes_by_key(folder: Path) -> dict[str, list[tuple[str, list[float]]]]:
+    """`{pair_id: [(shape, box), ...]}` from the manifests the synthesis step writes beside its shards."""
+    import json
+
+    import pandas as pd
+
+    manifests = sorted(folder.glob("*.parquet"))
+    if not manifests:
+        raise FileNotFoundError(f"no synthesis manifests (*.parquet) in {folder}: materialize synthetic_images first")
+    boxes: dict[str, list[tuple[str, list[float]]]] = {}
+    for manifest in manifests:
+        table = pd.read_parquet(manifest, columns=["pair_id", "annotations"])
+        for pair_id, drawn in zip(table["pair_id"], table["annotations"]):
+            if drawn is None:
+                continue
+            objects = json.loads(drawn).get("objects", [])
+            boxes[pair_id] = [(obj["shape"], obj["box"]) for obj in objects]
+    return boxes
 
 
 def _renders(storage: DatasetStorage, skipped: Skipped, keep_defective: bool):
@@ -129,7 +163,7 @@ def toy_resources(root: str | None = None, cache: str | None = None) -> dict:
         "content_style_backend": ContentStyleBackend(backend="rules"),
         "synthesis_backend": ToyRendererSynthesis(defect_probability=0.1),
         "scorer_backend": ScorerBackend(model=scorer, device="cpu"),
-        "detector_backend": DetectorBackend(backend="annotations", annotations=str(SYNTHETIC_IMAGES.under(local))),
+        "detector_backend": RendererBoxes(annotations=str(SYNTHETIC_IMAGES.under(local))),
         "real_image_models": RealImageModels(),  # no photographs in this world
         "control_image_models": ControlImageModels(),  # canny only
         "training_cluster": TrainingCluster(nnodes=1, nproc_per_node=1),

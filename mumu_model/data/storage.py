@@ -12,12 +12,15 @@ never uploaded. A root that cannot be reached fails within `timeout_s`, naming t
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
+import shutil
 import threading
 from pathlib import Path
 
-from ..atomic import is_temp_name
+from ..atomic import atomic_file, is_temp_name
+
+
+_COPY_CHUNK = 1 << 20  # bytes a fetch reads at a time
 
 
 class StorageError(RuntimeError):
@@ -105,10 +108,8 @@ class DatasetRoot:
         if target.is_file() and target.stat().st_size == info.get("size"):
             self._fetched.setdefault(target, target.stat().st_mtime_ns)
             return
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-        self.fs.get_file(remote, str(staging))
-        os.replace(staging, target)
+        with self.fs.open(remote, "rb") as source, atomic_file(target) as copy:
+            shutil.copyfileobj(source, copy, _COPY_CHUNK)
         self._fetched[target] = target.stat().st_mtime_ns
 
     def publish(self, since: float) -> list[str]:

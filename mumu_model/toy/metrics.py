@@ -89,18 +89,21 @@ class ToyWorld:
 
     colours = tuple(PALETTE)
     shapes = tuple(SHAPES)
+    means = ("colour_match", "obj_colour", "obj_shape", "all_colours", "all_objects", "count_match", "n_objects")
+    main_metric = "colour_match"
     rates = {"colour_match": "object", "obj_colour": "object", "obj_shape": "object",
              "all_colours": "image", "all_objects": "image", "count_match": "image"}
 
-    def score(self, image: Image.Image, objects: Sequence[tuple[str | None, str | None]]) -> dict[str, float | str]:
+    def score(self, image: Image.Image,
+              objects: Sequence[tuple[str | None, str | None]]) -> dict[str, float | int | str]:
         """The colour probe where objects name colours; the object probe too where every object
         names a colour and a shape."""
         colours = [colour for colour, _ in objects if colour is not None]
         if not colours:
             return {}
         probe = colour_probe(image, colours)
-        row: dict[str, float | str] = {"colour_match": probe.match, "colour_found": probe.found,
-                                       "n_objects": float(len(colours))}
+        row: dict[str, float | int | str] = {"colour_match": probe.match, "colour_found": probe.found,
+                                       "n_objects": len(colours)}
         if all(colour is not None and shape is not None for colour, shape in objects):
             found = object_probe(image, objects)
             row.update(obj_colour=found.colour_accuracy, obj_shape=found.shape_accuracy,

@@ -463,11 +463,7 @@ def train_toy_clip(
     tensors the scorer will; horizontal flips are the augmentation (captions say nothing
     about left and right).
 
-    The defaults, measured on 5,000 toy renders (captions 20% with colour words): 101 s on
-    one CPU thread (0.15 s a step); held out, the right caption beats a colour swap 94% of
-    the time and a dropped or an added object 99%; as a scorer of fresh renders against
-    their prompts, it ranks a good render above its defective twin 91% (wrong colour) and
-    90% (missing object) of the time.
+    How well the defaults score: docs/toy_learning.md.
 
     Returns `{"loss", "heldout_top1", "heldout_beats_colour_swap", "heldout_beats_missing_object",
     "heldout_beats_extra_object", "heldout_pairs", "logit_scale", "steps", "seconds"}`: `loss`
