@@ -33,14 +33,14 @@ from PIL import Image
 from mumu_model.data.detection import Detector, Phrase, crop
 from mumu_model.data.report import Skipped
 # CLIP-I and CLIP-T use the project's one CLIP wrapper (also behind PickScore).
-from mumu_model.data.scoring import ClipEmbedder, embed_images
+from mumu_model.data.scoring import ClipEmbedder, ImageEmbedder
 from mumu_model.images import pad_to_square, to_rgb
 
 CLIP_MODEL = "openai/clip-vit-base-patch32"
 DINO_MODEL = "facebook/dino-vits16"
 
 
-class DinoEmbedder:
+class DinoEmbedder(ImageEmbedder):
     """L2-normalised DINO embeddings: `ViTModel`'s CLS token of the last hidden state (which
     has DINO's final LayerNorm applied, as DINO's own forward returns it)."""
 
@@ -55,20 +55,12 @@ class DinoEmbedder:
         from transformers import AutoImageProcessor, ViTModel
 
         self.processor = AutoImageProcessor.from_pretrained(str(model))
-        self.model = ViTModel.from_pretrained(
-            str(model), add_pooling_layer=False, dtype=dtype, use_safetensors=True
-        ).to(device).eval()
-        self.batch_size = batch_size
-        self.device = torch.device(device)
-        self.dtype = dtype
+        vit = ViTModel.from_pretrained(str(model), add_pooling_layer=False, dtype=dtype, use_safetensors=True)
+        super().__init__(vit, vit.config.hidden_size, batch_size=batch_size, device=device, dtype=dtype)
 
-    @torch.no_grad()
-    def images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        def embed(batch: list[Image.Image]) -> torch.Tensor:
-            pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"]
-            return self.model(pixel_values=pixels.to(self.device, self.dtype)).last_hidden_state[:, 0]
-
-        return embed_images(images, self.batch_size, embed, self.model.config.hidden_size)
+    def features(self, batch: list[Image.Image]) -> torch.Tensor:
+        pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"]
+        return self.model(pixel_values=pixels.to(self.device, self.dtype)).last_hidden_state[:, 0]
 
 
 # -- DreamBench metrics --------------------------------------------------------------------

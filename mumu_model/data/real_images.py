@@ -278,6 +278,14 @@ class MinResolution:
         return min(image.size) >= self.min_side
 
 
+def _vision_model(auto_class, model: str, device: str | torch.device, dtype: torch.dtype):
+    """(image processor, model in eval mode on `device`) of a checkpoint: safetensors only, no
+    remote code."""
+    processor = AutoImageProcessor.from_pretrained(model, trust_remote_code=False)
+    network = auto_class.from_pretrained(model, dtype=dtype, use_safetensors=True, trust_remote_code=False)
+    return processor, network.to(device).eval()
+
+
 class ImageClassifierFilter:
     """Reject images that an image classifier puts in `reject_labels` with p >= `threshold`.
 
@@ -297,11 +305,7 @@ class ImageClassifierFilter:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
-        self.processor = AutoImageProcessor.from_pretrained(model, trust_remote_code=False)
-        self.model = AutoModelForImageClassification.from_pretrained(
-            model, dtype=dtype, use_safetensors=True, trust_remote_code=False
-        ).to(device)
-        self.model.eval()
+        self.processor, self.model = _vision_model(AutoModelForImageClassification, model, device, dtype)
         labels = {str(label).lower(): int(index) for index, label in self.model.config.id2label.items()}
         unknown = [label for label in reject_labels if label.lower() not in labels]
         if unknown or not reject_labels:
@@ -351,11 +355,7 @@ class DetrPersonCounter:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
-        self.processor = AutoImageProcessor.from_pretrained(model, trust_remote_code=False)
-        self.model = AutoModelForObjectDetection.from_pretrained(
-            model, dtype=dtype, use_safetensors=True, trust_remote_code=False
-        ).to(device)
-        self.model.eval()
+        self.processor, self.model = _vision_model(AutoModelForObjectDetection, model, device, dtype)
         id2label = self.model.config.id2label
         self.label_ids = {int(i) for i, name in id2label.items() if str(name).lower() == label.lower()}
         if not self.label_ids:

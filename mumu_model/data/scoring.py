@@ -8,7 +8,7 @@ LAION CLIP, text is truncated to 77 tokens, both embeddings are L2-normalised.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,16 +41,33 @@ def pooled_features(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-def embed_images(images: Sequence[Image.Image], batch_size: int, embed: Callable[[list[Image.Image]], torch.Tensor],
-                 dim: int) -> torch.Tensor:
-    """[N, dim] L2-normalised embeddings, float32 on the CPU, `batch_size` images at a time;
-    `embed` maps a batch (converted as everywhere in MUMU: alpha over black) to its features."""
-    chunks = [l2_normalize(embed([to_rgb(image) for image in images[start:start + batch_size]])).cpu()
-              for start in range(0, len(images), batch_size)]
-    return torch.cat(chunks) if chunks else torch.empty(0, dim)
+class ImageEmbedder:
+    """A vision model that embeds images in batches: L2-normalised, float32 on the CPU, one row
+    per image. A subclass loads the model and says how a batch becomes features (`features`)."""
+
+    def __init__(self, model: torch.nn.Module, dim: int, *, batch_size: int, device: str | torch.device,
+                 dtype: torch.dtype):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model.to(device).eval()
+        self.dim = dim
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    def features(self, batch: list[Image.Image]) -> torch.Tensor:
+        """[B, dim] features of RGB images (not normalised)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """[N, dim]. Images are converted as everywhere in MUMU (alpha over black)."""
+        chunks = [l2_normalize(self.features([to_rgb(image) for image in images[start:start + self.batch_size]])).cpu()
+                  for start in range(0, len(images), self.batch_size)]
+        return torch.cat(chunks) if chunks else torch.empty(0, self.dim)
 
 
-class ClipEmbedder:
+class ClipEmbedder(ImageEmbedder):
     """L2-normalised CLIP image and text embeddings (`CLIPModel`), in batches, float32 on the
     CPU. The one CLIP wrapper of the project: PickScore here, CLIP-I/CLIP-T in `eval`."""
 
@@ -63,23 +80,13 @@ class ClipEmbedder:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.processor = AutoProcessor.from_pretrained(str(processor or model), trust_remote_code=False)
-        self.model = CLIPModel.from_pretrained(str(model), dtype=dtype, use_safetensors=True).to(device).eval()
-        self.batch_size = batch_size
-        self.device = torch.device(device)
-        self.dtype = dtype
+        clip = CLIPModel.from_pretrained(str(model), dtype=dtype, use_safetensors=True)
+        super().__init__(clip, clip.config.projection_dim, batch_size=batch_size, device=device, dtype=dtype)
 
-    @torch.no_grad()
-    def images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """[N, D]. Images are converted as everywhere in MUMU (alpha over black)."""
-
-        def embed(batch: list[Image.Image]) -> torch.Tensor:
-            pixels = self.processor.image_processor(images=batch, return_tensors="pt")["pixel_values"]
-            return pooled_features(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)))
-
-        return embed_images(images, self.batch_size, embed, self.model.config.projection_dim)
+    def features(self, batch: list[Image.Image]) -> torch.Tensor:
+        pixels = self.processor.image_processor(images=batch, return_tensors="pt")["pixel_values"]
+        return pooled_features(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)))
 
     @torch.no_grad()
     def texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -91,7 +98,7 @@ class ClipEmbedder:
                 padding="max_length", truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt",
             ).to(self.device)
             chunks.append(l2_normalize(pooled_features(self.model.get_text_features(**inputs))).cpu())
-        return torch.cat(chunks) if chunks else torch.empty(0, self.model.config.projection_dim)
+        return torch.cat(chunks) if chunks else torch.empty(0, self.dim)
 
     @property
     def logit_scale(self) -> float:
