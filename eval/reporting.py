@@ -9,7 +9,6 @@ generated (`save_png`), a grid per suite (inputs beside outputs, `suite_grid`), 
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import time
@@ -21,6 +20,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from mumu_model.atomic import write_bytes_atomic
+from mumu_model.data.shards import encode_image
 from mumu_model.images import pad_to_square
 from mumu_model.tracking import ensure_experiment, log_batch
 
@@ -53,14 +53,9 @@ class EvalResult:
         return flat
 
 
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def save_png(out_dir: Path, relative: str, image: Image.Image) -> str:
-    write_bytes_atomic(out_dir / relative, png(image))
+    """Write `image` as PNG at `out_dir/relative` (a name ending in .png), atomically."""
+    write_bytes_atomic(out_dir / relative, encode_image(image, relative))
     return relative
 
 
