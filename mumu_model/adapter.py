@@ -5,6 +5,13 @@ every token see the whole prompt (an image placed before its word sees the word 
 maps the VLM width to the UNet's cross-attention width (SDXL: 2048). It also produces the
 pooled vector SDXL's UNet adds to its time embedding (`text_embeds`, SDXL: 1280), which
 SDXL's second text encoder used to provide.
+
+Two options, saved in the adapter's config (older adapters load with the defaults):
+- `positions="rope"` rotates queries and keys by the token's place in the prompt. The causal LM
+  carries order only implicitly; with it the adapter can tell the first crop from the second.
+- `pooled="text"` averages only the text tokens into the pooled vector. The UNet adds that vector
+  to every block's time embedding, everywhere in the image: averaged over image tokens too, it
+  carries the crops' appearance as one global blend with no place.
 """
 
 from __future__ import annotations
@@ -14,6 +21,19 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+
+
+def rotary_tables(length: int, head_dim: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's (cos, sin) for positions 0..length-1, [length, head_dim], base 10,000."""
+    inverse = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inverse)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
 class AdapterBlock(nn.Module):
@@ -29,9 +49,11 @@ class AdapterBlock(nn.Module):
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         batch, length, width = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        if rotary is not None:
+            q, k = _rotate(q, *rotary), _rotate(k, *rotary)
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         x = x + self.attn_out(attended.transpose(1, 2).reshape(batch, length, width))
         return x + self.mlp(self.norm2(x))
@@ -50,8 +72,16 @@ class MUMUAdapter(ModelMixin, ConfigMixin):
         cross_attention_dim: int = 2048,
         pooled_dim: int = 1280,
         mlp_ratio: float = 4.0,
+        positions: str = "none",
+        pooled: str = "all",
     ):
         super().__init__()
+        if positions not in ("none", "rope"):
+            raise ValueError(f"positions must be 'none' or 'rope', got {positions!r}")
+        if pooled not in ("all", "text"):
+            raise ValueError(f"pooled must be 'all' or 'text', got {pooled!r}")
+        if positions == "rope" and (width // num_heads) % 2:
+            raise ValueError(f"positions='rope' needs an even head width, got {width // num_heads}")
         self.proj_in = nn.Linear(in_dim, width)
         self.blocks = nn.ModuleList([AdapterBlock(width, num_heads, mlp_ratio) for _ in range(num_layers)])
         self.norm_out = nn.LayerNorm(width)
@@ -59,9 +89,10 @@ class MUMUAdapter(ModelMixin, ConfigMixin):
         self.proj_pooled = nn.Linear(width, pooled_dim)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, image_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden_states [B, L, in_dim], attention_mask [B, L] (1 = token, 0 = padding).
+        """hidden_states [B, L, in_dim], attention_mask [B, L] (1 = token, 0 = padding), image_mask
+        [B, L] (True = an image token; needed when `pooled="text"`).
 
         Returns (prompt_embeds [B, L, cross_attention_dim], pooled_embeds [B, pooled_dim]).
         """
@@ -70,9 +101,18 @@ class MUMUAdapter(ModelMixin, ConfigMixin):
             raise ValueError("every prompt needs at least one token (the tokenizer's BOS)")
         key_mask = valid[:, None, None, :]  # broadcast over heads and queries
         x = self.proj_in(hidden_states.to(self.proj_in.weight.dtype))
+        rotary = None
+        if self.config.positions == "rope":
+            rotary = rotary_tables(x.shape[1], self.config.width // self.config.num_heads, x.device, x.dtype)
         for block in self.blocks:
-            x = block(x, key_mask)
+            x = block(x, key_mask, rotary)
         x = self.norm_out(x)
-        weights = valid.unsqueeze(-1).to(x.dtype)
+        pooled_from = valid
+        if self.config.pooled == "text":
+            if image_mask is None:
+                raise ValueError("an adapter with pooled='text' needs the image_mask of its tokens")
+            # Every prompt has its BOS, a text token, so no row is left empty.
+            pooled_from = valid & ~image_mask.bool()
+        weights = pooled_from.unsqueeze(-1).to(x.dtype)
         pooled = (x * weights).sum(dim=1) / weights.sum(dim=1)
         return self.proj_out(x), self.proj_pooled(pooled)

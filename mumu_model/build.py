@@ -16,7 +16,7 @@ from transformers import Idefics2Config, Idefics2ImageProcessor, Idefics2Process
 
 from .adapter import MUMUAdapter
 from .config import PATCH_SIZE, ModelConfig
-from .encoder import MUMUEncoder, configure_processor
+from .encoder import MUMUEncoder, configure_processor, encoder_config
 from .pipeline import MUMUPipeline, vae_scale_factor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,7 +69,7 @@ def build_processor(image_size: int) -> Idefics2Processor:
     return configure_processor(processor, image_size)
 
 
-def build_encoder(processor: Idefics2Processor, image_size: int) -> MUMUEncoder:
+def build_encoder(processor: Idefics2Processor, image_size: int, image_token_norm: bool = True) -> MUMUEncoder:
     tokenizer = processor.tokenizer
     config = Idefics2Config(
         vision_config=dict(
@@ -95,6 +95,7 @@ def build_encoder(processor: Idefics2Processor, image_size: int) -> MUMUEncoder:
         image_token_id=processor.image_token_id,
         use_cache=False,
     )
+    config.image_token_norm = image_token_norm
     return MUMUEncoder(config)
 
 
@@ -105,21 +106,23 @@ def build_unet(
     sample_size: int = 32,
     block_out_channels: tuple[int, ...] = (32, 64),
     transformer_layers_per_block: tuple[int, ...] | None = None,
+    first_block_attention: bool = False,
 ) -> UNet2DConditionModel:
     """SDXL's UNet layout (text_time added conditioning: pooled text + 6 micro-conditions,
-    linear projections, no attention in the first block), tiny."""
+    linear projections, no attention in the first block unless `first_block_attention`), tiny."""
     time_embed_dim = 8
     levels = len(block_out_channels)
     if transformer_layers_per_block is None:
         transformer_layers_per_block = (1,) * (levels - 1) + (2,)
+    first_down, last_up = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if first_block_attention else ("DownBlock2D", "UpBlock2D")
     return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
         block_out_channels=tuple(block_out_channels),
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        down_block_types=(first_down,) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + (last_up,),
         attention_head_dim=tuple(max(2, c // 16) for c in block_out_channels),
         transformer_layers_per_block=tuple(transformer_layers_per_block),
         cross_attention_dim=cross_attention_dim,
@@ -128,6 +131,16 @@ def build_unet(
         projection_class_embeddings_input_dim=pooled_dim + 6 * time_embed_dim,
         use_linear_projection=True,
         norm_num_groups=8,
+    )
+
+
+def build_config_unet(config: ModelConfig, vae: AutoencoderKL) -> UNet2DConditionModel:
+    """The UNet a config builds when it names no SDXL checkpoint, sized to the VAE's latents."""
+    return build_unet(
+        config.unet_cross_attention_dim,
+        sample_size=config.resolution // vae_scale_factor(vae),
+        block_out_channels=config.unet_channels,
+        first_block_attention=config.unet_first_block_attention,
     )
 
 
@@ -168,6 +181,8 @@ def build_adapter(config: ModelConfig, encoder: MUMUEncoder, unet: UNet2DConditi
         num_heads=config.adapter_heads,
         cross_attention_dim=unet.config.cross_attention_dim,
         pooled_dim=unet_pooled_dim(unet),
+        positions=config.adapter_positions,
+        pooled=config.adapter_pooled,
     )
 
 
@@ -177,9 +192,11 @@ def build_pipeline(config: ModelConfig) -> MUMUPipeline:
     torch.manual_seed(config.seed)
     if config.encoder is None:
         processor = build_processor(config.image_size)
-        encoder = build_encoder(processor, config.image_size)
+        encoder = build_encoder(processor, config.image_size, config.image_token_norm)
     else:
-        encoder = MUMUEncoder.from_pretrained(config.encoder, dtype=dtype)
+        encoder = MUMUEncoder.from_pretrained(
+            config.encoder, config=encoder_config(config.encoder, config.image_token_norm), dtype=dtype
+        )
         processor = configure_processor(Idefics2Processor.from_pretrained(config.encoder), config.image_size)
     # A VAE the config names replaces SDXL's (or the tiny one); its depth sets the latent size.
     vae = None
@@ -188,7 +205,7 @@ def build_pipeline(config: ModelConfig) -> MUMUPipeline:
     if config.sdxl is None:
         if vae is None:
             vae = build_vae(sample_size=config.resolution)
-        unet = build_unet(sample_size=config.resolution // vae_scale_factor(vae), block_out_channels=config.unet_channels)
+        unet = build_config_unet(config, vae)
         scheduler = build_scheduler(config)
     else:
         unet = UNet2DConditionModel.from_pretrained(config.sdxl, subfolder="unet", torch_dtype=dtype)

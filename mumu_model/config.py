@@ -38,11 +38,24 @@ class ModelConfig:
     adapter_layers: int = 16
     adapter_width: int = 2048
     adapter_heads: int = 16
+    # Image tokens pass the perceiver's final RMSNorm on their way into the LM (a checkpoint's
+    # trained norm, or a fresh one at the text embeddings' scale). Without it they enter at the
+    # connector's raw scale and a causal LM overwrites later crops with the first
+    # (docs/toy_learning.md, "Binding crops").
+    image_token_norm: bool = True
+    # The adapter's attention knows token order ("rope") or not ("none"); its pooled vector,
+    # added to the UNet's time embedding everywhere, averages all tokens ("all") or the text's.
+    adapter_positions: str = "none"
+    adapter_pooled: str = "all"
     # Sizes of what is built rather than loaded (sdxl=None): the UNet's block widths (the first
     # block has no attention, as in SDXL), the side of generated images in pixels, and the
     # training noise schedule. Small latents need "squaredcos_cap_v2": SDXL's scaled_linear
     # schedule leaves a 16x16 latent's layout visible at the last timestep.
     unet_channels: tuple[int, ...] = (32, 64)
+    # The built UNet's cross-attention width, and whether its first, finest block attends to the
+    # prompt too (SDXL's has no attention there). Loaded UNets keep their own.
+    unet_cross_attention_dim: int = 32
+    unet_first_block_attention: bool = False
     resolution: int = 64
     noise_schedule: str = "scaled_linear"
     # What the built UNet learns to predict: SDXL's "epsilon", or "v_prediction", which keeps the
@@ -69,6 +82,10 @@ class ModelConfig:
             )
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
+        if self.adapter_positions not in ("none", "rope"):
+            raise ValueError(f"adapter_positions must be none or rope, got {self.adapter_positions!r}")
+        if self.adapter_pooled not in ("all", "text"):
+            raise ValueError(f"adapter_pooled must be all or text, got {self.adapter_pooled!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 
@@ -126,6 +143,10 @@ def _parse_value(name: str, raw: str, annotation: str):
         return None
     for kind in allowed:
         if kind is type(None):
+            continue
+        if kind is bool:  # bool("false") is True
+            if raw.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return raw.lower() in ("true", "1", "yes")
             continue
         if typing.get_origin(kind) is tuple:  # "32,64,64" or "[32, 64, 64]"
             try:

@@ -5,6 +5,14 @@ because so few tokens lose detail; each image then keeps one token per 14x14 pat
 token budget is set by the resolution the image is resized to (paper: 252 px -> 324 tokens,
 504 px -> 1,296 tokens). transformers has no switch for this, so the bypass lives in a
 subclass: `from_pretrained` rebuilds the subclass and the bypass survives loading.
+
+The perceiver also ended in an RMSNorm, so the language model was trained on image tokens of
+that norm's scale. Without it the connector's raw output enters the LM at whatever scale it has
+(a fresh tiny build: a seventh of the text tokens' RMS), and a causal LM then fills every later
+crop's small residual stream with what it attends to, the first crop included. So the bypass
+keeps that norm (`image_token_norm`, the encoder config's attribute; the checkpoint's trained
+`perceiver_resampler.norm.weight` loads into it). Encoders saved without the attribute keep
+feeding the raw output.
 """
 
 from __future__ import annotations
@@ -12,7 +20,9 @@ from __future__ import annotations
 import torch
 from PIL import Image
 from torch import nn
-from transformers import Idefics2Model, Idefics2Processor
+from transformers import Idefics2Config, Idefics2Model, Idefics2Processor
+from transformers import initialization as init
+from transformers.models.idefics2.modeling_idefics2 import Idefics2RMSNorm
 
 # diffusers finds how to load a component of a custom module by looking its base classes up in
 # that module's namespace; without this name `MUMUPipeline.from_pretrained` cannot load the encoder.
@@ -23,20 +33,52 @@ from .images import pad_to_square
 from .prompt import MultimodalPrompt, PromptError
 
 
+class ImageTokenNorm(Idefics2RMSNorm):
+    """The perceiver's final RMSNorm, kept: image tokens enter the LM on the scale it was trained on."""
+
+
 class PerceiverBypass(nn.Module):
-    """Stands where the perceiver resampler was: every patch token reaches the language model."""
+    """Stands where the perceiver resampler was: every patch token reaches the language model,
+    through the perceiver's final norm when `norm` is given."""
+
+    def __init__(self, norm: ImageTokenNorm | None = None):
+        super().__init__()
+        self.norm = norm
 
     def forward(self, context: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return context
+        return context if self.norm is None else self.norm(context)
 
 
 class MUMUEncoder(Idefics2Model):
-    # A full Idefics2 checkpoint also holds the perceiver and the LM head; neither is used.
+    # A full Idefics2 checkpoint also holds the perceiver and the LM head; of them only the
+    # perceiver's final norm is used (when the config keeps it: then it is an expected key).
     _keys_to_ignore_on_load_unexpected = [r"perceiver_resampler\.", r"lm_head\."]
 
     def __init__(self, config):
         super().__init__(config)
-        self.connector.perceiver_resampler = PerceiverBypass()
+        norm = None
+        if getattr(config, "image_token_norm", False):
+            perceiver = config.perceiver_config
+            norm = ImageTokenNorm(config.text_config.hidden_size, eps=perceiver.rms_norm_eps)
+            # post_init has run already: initialise the new norm here as _init_weights would.
+            torch.nn.init.constant_(norm.weight, config.text_config.initializer_range)
+        self.connector.perceiver_resampler = PerceiverBypass(norm)
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        # A fresh norm scales image tokens to the RMS of freshly initialised token embeddings
+        # (their std), so both kinds of token start on one scale; a checkpoint's norm loads over it.
+        if isinstance(module, ImageTokenNorm):
+            init.constant_(module.weight, self.config.text_config.initializer_range)
+
+
+def encoder_config(source: str, image_token_norm: bool) -> Idefics2Config:
+    """The Idefics2 config of a checkpoint (hub id or folder), with the bypass's norm set.
+
+    A MUMU pipeline's saved encoder records `image_token_norm` itself; use its config as it is."""
+    config = Idefics2Config.from_pretrained(source)
+    config.image_token_norm = image_token_norm
+    return config
 
 
 def configure_processor(processor: Idefics2Processor, image_size: int) -> Idefics2Processor:

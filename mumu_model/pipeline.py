@@ -47,13 +47,14 @@ Conditioning = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 def _encoder_states(
     encoder: MUMUEncoder, inputs: dict[str, torch.Tensor], device: torch.device | str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The encoder half of `encode_inputs`: (last hidden states [B, L, H], attention_mask [B, L])."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The encoder half of `encode_inputs`: (last hidden states [B, L, H], attention_mask [B, L],
+    image_mask [B, L], True where a token is an image's)."""
     inputs = {name: value.to(device) for name, value in inputs.items()}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(encoder.dtype)
     hidden = encoder(**inputs, use_cache=False).last_hidden_state
-    return hidden, inputs["attention_mask"]
+    return hidden, inputs["attention_mask"], inputs["input_ids"] == encoder.config.image_token_id
 
 
 def encode_inputs(
@@ -64,8 +65,8 @@ def encode_inputs(
     The one place conditioning is computed, for sampling and for training alike. Returns
     (prompt_embeds [B, L, D], pooled_embeds [B, P], attention_mask [B, L]).
     """
-    hidden, mask = _encoder_states(encoder, inputs, device)
-    prompt_embeds, pooled = adapter(hidden, mask)
+    hidden, mask, image_mask = _encoder_states(encoder, inputs, device)
+    prompt_embeds, pooled = adapter(hidden, mask, image_mask)
     return prompt_embeds, pooled, mask
 
 
@@ -171,6 +172,39 @@ def vae_scale_factor(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+# What a call samples with when neither its caller nor the saved pipeline says: the paper's 50
+# DDIM steps and guidance 6 (the size: the UNet's native one).
+PAPER_STEPS = 50
+PAPER_GUIDANCE = 6.0
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """The settings a pipeline samples with when the caller gives none (`MUMUPipeline.sampling_defaults`)."""
+
+    num_inference_steps: int
+    guidance_scale: float
+    resolution: int  # height and width in pixels
+
+
+def check_sampling_defaults(
+    num_inference_steps: int | None, guidance_scale: float | None, resolution: int | None, multiple: int | None
+) -> None:
+    """Refuse sampling defaults no call accepts (None: not set), naming the value; `multiple` is
+    what the output's sides must be multiples of (None: unknown, not checked)."""
+    if num_inference_steps is not None and (isinstance(num_inference_steps, bool) or
+                                            not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+        raise ValueError(f"sampling steps {num_inference_steps!r}: must be an integer >= 1")
+    if guidance_scale is not None and (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float))
+                                       or not 0 <= guidance_scale < float("inf")):  # also refuses NaN
+        raise ValueError(f"sampling guidance {guidance_scale!r}: must be a finite number >= 0")
+    if resolution is not None:
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+            raise ValueError(f"sampling resolution {resolution!r}: must be a positive number of pixels")
+        if multiple and resolution % multiple:
+            raise ValueError(f"sampling resolution {resolution}: must be a multiple of {multiple} for this model")
+
+
 class MUMUPipeline(DiffusionPipeline):
     r"""Generate images from multimodal prompts (text with images inline).
 
@@ -195,12 +229,18 @@ class MUMUPipeline(DiffusionPipeline):
         vae: AutoencoderKL,
         scheduler: KarrasDiffusionSchedulers,
         max_images: int = 4,
+        sampling_steps: int | None = None,
+        sampling_guidance: float | None = None,
+        sampling_resolution: int | None = None,
     ):
         super().__init__()
         self.register_modules(
             encoder=encoder, processor=processor, adapter=adapter, unet=unet, vae=vae, scheduler=scheduler
         )
-        self.register_to_config(max_images=max_images)
+        # The sampling defaults are config values, so model_index.json carries them (null: not
+        # set; folders saved before they existed have none and load with the paper's).
+        self.register_to_config(max_images=max_images, sampling_steps=sampling_steps,
+                                sampling_guidance=sampling_guidance, sampling_resolution=sampling_resolution)
         self.vae_scale_factor = vae_scale_factor(vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self._empty_prompt_cache: _CachedEncoding | None = None
@@ -217,6 +257,43 @@ class MUMUPipeline(DiffusionPipeline):
     @property
     def default_sample_size(self) -> int:
         return self.unet.config.sample_size * self.vae_scale_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """What the output's height and width must be multiples of (the VAE's and UNet's downsampling)."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def sampling_defaults(self) -> SamplingDefaults:
+        """What a call samples with when its caller gives no steps, guidance or size: the values
+        saved with the pipeline (`set_sampling_defaults`), else the paper's 50 DDIM steps and
+        guidance 6 at the UNet's native size."""
+        config = self.config
+        steps, guidance = config.get("sampling_steps"), config.get("sampling_guidance")
+        resolution = config.get("sampling_resolution")
+        return SamplingDefaults(
+            num_inference_steps=int(steps) if steps is not None else PAPER_STEPS,
+            guidance_scale=float(guidance) if guidance is not None else PAPER_GUIDANCE,
+            resolution=int(resolution) if resolution is not None else self.default_sample_size,
+        )
+
+    @property
+    def trained_sizes(self) -> list[int]:
+        """The output sizes (square, in pixels) this model was made for: its recommended
+        resolution and the UNet's native size."""
+        return sorted({self.sampling_defaults.resolution, self.default_sample_size})
+
+    def set_sampling_defaults(
+        self, num_inference_steps: int | None = None, guidance_scale: float | None = None,
+        resolution: int | None = None,
+    ) -> None:
+        """Record the settings this model samples best with, for calls that give none; the given
+        ones replace the current ones, and `save_pretrained` writes them to model_index.json
+        (`mumu_model.loading.write_sampling_defaults` does the same to a saved folder)."""
+        check_sampling_defaults(num_inference_steps, guidance_scale, resolution, self.size_multiple)
+        given = {"sampling_steps": num_inference_steps, "sampling_guidance": guidance_scale,
+                 "sampling_resolution": resolution}
+        self.register_to_config(**{key: value for key, value in given.items() if value is not None})
 
     def to_prompts(self, prompt: PromptInput | list[PromptInput], image_root=None) -> list[MultimodalPrompt]:
         """A MultimodalPrompt, its text form, a list of parts, or a list of those (a batch)."""
@@ -260,7 +337,7 @@ class MUMUPipeline(DiffusionPipeline):
         """
         device = self._execution_device
         states = [_encoder_states(self.encoder, encoder_inputs(self.processor, batch), device) for batch in batches]
-        return [(*self.adapter(hidden, mask), mask) for hidden, mask in states]
+        return [(*self.adapter(hidden, mask, image_mask), mask) for hidden, mask, image_mask in states]
 
     # -- the empty prompt's encoding, cached ---------------------------------------------------------
 
@@ -404,7 +481,7 @@ class MUMUPipeline(DiffusionPipeline):
     ) -> None:
         """Refuse arguments no call accepts, with a ValueError naming the argument (diffusers' rules:
         `prompt` or `prompt_embeds`, not both; embeds come with their pooled embeds)."""
-        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        multiple = self.size_multiple
         if height % multiple or width % multiple:
             raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}")
         if num_inference_steps < 1:
@@ -439,8 +516,8 @@ class MUMUPipeline(DiffusionPipeline):
         prompt: PromptInput | list[PromptInput] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 6.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         negative_prompt: PromptInput | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -465,9 +542,12 @@ class MUMUPipeline(DiffusionPipeline):
             prompt: a `MultimodalPrompt`, its text form (`"a <img:dog.png> dog"`), a list of
                 parts (`["a ", dog_image, " dog"]`), or a list of those (a batch). Not with
                 `prompt_embeds`.
-            height, width: output size in pixels (default: the UNet's native size).
-            num_inference_steps: denoising steps (paper: 50 DDIM steps).
-            guidance_scale: classifier-free guidance (paper: 6); must be >= 0, <= 1 disables guidance.
+            height, width: output size in pixels (default: the pipeline's `sampling_defaults`:
+                the resolution saved with it, else the UNet's native size).
+            num_inference_steps: denoising steps (default: the saved sampling defaults', else
+                the paper's 50 DDIM steps).
+            guidance_scale: classifier-free guidance (default: the saved sampling defaults', else
+                the paper's 6); must be >= 0, <= 1 disables guidance.
             negative_prompt: replaces the empty prompt as the unconditional branch (paper: none):
                 one prompt for the whole batch, or one per prompt. Encoded apart from the
                 prompts, at its own length.
@@ -500,8 +580,11 @@ class MUMUPipeline(DiffusionPipeline):
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        height = height or self.default_sample_size
-        width = width or self.default_sample_size
+        defaults = self.sampling_defaults
+        height = height or defaults.resolution
+        width = width or defaults.resolution
+        num_inference_steps = defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
         self.check_inputs(
             prompt, height, width, num_inference_steps, guidance_scale, guidance_rescale, negative_prompt,
             num_images_per_prompt, output_type, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask,

@@ -56,9 +56,61 @@ def test_full_idefics2_checkpoint_loads_without_perceiver(tmp_path, red_square):
     assert torch.isfinite(hidden).all()
 
 
-def test_saved_encoder_has_no_perceiver_weights(tiny_pipeline_dir):
+def test_saved_encoder_keeps_only_the_perceivers_final_norm(tiny_pipeline_dir):
     weights = load_file(tiny_pipeline_dir / "encoder" / "model.safetensors")
-    assert not [k for k in weights if "perceiver" in k]
+    assert [k for k in weights if "perceiver" in k] == ["connector.perceiver_resampler.norm.weight"]
+
+
+def test_the_checkpoints_perceiver_norm_scales_the_image_tokens(tmp_path, red_square):
+    """The trained norm of a full Idefics2 checkpoint loads into the bypass and sets the scale at
+    which image tokens enter the language model."""
+    processor = build_processor(28)
+    config = build_encoder(processor, 28).config
+    full = Idefics2ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        full.model.connector.perceiver_resampler.norm.weight.fill_(0.5)
+    full.save_pretrained(tmp_path)
+    encoder = MUMUEncoder.from_pretrained(tmp_path).eval()
+    assert torch.equal(encoder.connector.perceiver_resampler.norm.weight, torch.full((64,), 0.5))
+
+    inputs = encoder_inputs(processor, [MultimodalPrompt(["a ", red_square, " dog"])])
+    with torch.no_grad():
+        image_tokens = encoder(**inputs).image_hidden_states
+        encoder.connector.perceiver_resampler.norm.weight.fill_(0.25)
+        assert torch.allclose(encoder(**inputs).image_hidden_states * 2, image_tokens)
+
+
+def test_a_fresh_encoder_feeds_image_and_text_tokens_on_one_scale(red_square):
+    processor = build_processor(28)
+    torch.manual_seed(0)
+    encoder = build_encoder(processor, 28).eval()
+    inputs = encoder_inputs(processor, [MultimodalPrompt(["a ", red_square, " dog and a cat"])])
+    with torch.no_grad():
+        image_rms = encoder(**inputs).image_hidden_states.pow(2).mean().sqrt()
+        text_ids = inputs["input_ids"][inputs["input_ids"] != processor.image_token_id]
+        text_rms = encoder.get_input_embeddings()(text_ids).pow(2).mean().sqrt()
+    assert 0.5 < image_rms / text_rms < 2.0
+    # Without the norm the connector's raw output is far smaller: the flaw the norm removes.
+    torch.manual_seed(0)
+    raw = build_encoder(processor, 28, image_token_norm=False).eval()
+    with torch.no_grad():
+        assert raw(**inputs).image_hidden_states.pow(2).mean().sqrt() < image_rms / 4
+
+
+def test_an_encoder_saved_without_the_norm_loads_as_it_was(tmp_path, red_square):
+    """Pipelines saved before the norm existed have no `image_token_norm` in their config."""
+    processor = build_processor(28)
+    torch.manual_seed(0)
+    old = build_encoder(processor, 28, image_token_norm=False).eval()
+    old.save_pretrained(tmp_path)
+    config = (tmp_path / "config.json").read_text()
+    (tmp_path / "config.json").write_text(config.replace('"image_token_norm": false,', ""))
+    assert "image_token_norm" not in (tmp_path / "config.json").read_text()
+    loaded = MUMUEncoder.from_pretrained(tmp_path).eval()
+    assert loaded.connector.perceiver_resampler.norm is None
+    inputs = encoder_inputs(processor, [MultimodalPrompt(["a ", red_square])])
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).last_hidden_state, old(**inputs).last_hidden_state)
 
 
 def test_reserved_tokens_in_text_are_refused():

@@ -46,10 +46,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..build import build_adapter, build_encoder, build_processor, build_scheduler, build_unet, build_vae
+from ..build import build_adapter, build_config_unet, build_encoder, build_processor, build_scheduler, build_vae
 from ..config import ModelConfig, load_model_config
-from ..encoder import MUMUEncoder, configure_processor
-from ..pipeline import MUMUPipeline, vae_scale_factor
+from ..encoder import MUMUEncoder, configure_processor, encoder_config
+from ..pipeline import MUMUPipeline
 from . import parallel
 from .checkpoint import STATE_FILE
 from .config import TrainConfig, config_from_dict
@@ -181,7 +181,7 @@ def _meta_from_profile(config: TrainConfig, values: bool = True) -> tuple[MUMUPi
     for what is built (tiny parts, the adapter): same seed, same order, loading draws none.
     values=False: the structure only (built parts on meta too, no sources)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import Idefics2Config, Idefics2Processor
+    from transformers import Idefics2Processor
 
     overrides = {"dtype": "float32", **config.model_overrides,  # as trainer.load_base_pipeline
                  "image_size": config.image_size, "max_images": config.max_images}
@@ -192,11 +192,11 @@ def _meta_from_profile(config: TrainConfig, values: bool = True) -> tuple[MUMUPi
     if model_config.encoder is None:
         processor = build_processor(model_config.image_size)
         with built():
-            encoder = build_encoder(processor, model_config.image_size)
+            encoder = build_encoder(processor, model_config.image_size, model_config.image_token_norm)
     else:
         folder = _local_folder(model_config.encoder, "encoder")
         with _meta_parameters():
-            encoder = MUMUEncoder(Idefics2Config.from_pretrained(folder))
+            encoder = MUMUEncoder(encoder_config(folder, model_config.image_token_norm))
         processor = configure_processor(Idefics2Processor.from_pretrained(folder), model_config.image_size)
         sources["encoder"] = SafetensorsFolder(folder, FILE_PREFIXES["encoder"])
     vae = None
@@ -206,8 +206,7 @@ def _meta_from_profile(config: TrainConfig, values: bool = True) -> tuple[MUMUPi
         if vae is None:
             vae = build_vae(sample_size=model_config.resolution)
         with built():
-            unet = build_unet(sample_size=model_config.resolution // vae_scale_factor(vae),
-                             block_out_channels=model_config.unet_channels)
+            unet = build_config_unet(model_config, vae)
         scheduler = build_scheduler(model_config)
     else:
         folder = _local_folder(model_config.sdxl, "sdxl")

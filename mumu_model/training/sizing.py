@@ -8,13 +8,14 @@ read as configs only: a local folder's config.json, or the bundled public config
 the paper uses (`mumu_model.paper_configs`); any other hub id is an error naming its field.
 
 The memory estimate, per GPU, for world size W (W = 1: one process, nothing sharded; W > 1:
-FSDP2 as `parallel.apply_fsdp` applies it):
+FSDP2 as `parallel.apply_fsdp` applies it), sharded S = W / hsdp_replicas ways (HSDP shards
+within each group and replicates across groups; plain FSDP: S = W):
 
 - weights: every parameter of encoder + adapter + UNet in float32 (the trainer loads the
-  parts in float32; bf16 is the compute dtype of autocast and FSDP's policy), / W.
-- gradients: the trainable parameters in float32, / W.
-- AdamW: two float32 moments per trainable parameter, / W.
-- all-gathered parameters (W > 1): while a block runs, FSDP holds it unsharded and prefetches
+  parts in float32; bf16 is the compute dtype of autocast and FSDP's policy), / S.
+- gradients: the trainable parameters in float32, / S.
+- AdamW: two float32 moments per trainable parameter, / S.
+- all-gathered parameters (S > 1): while a block runs, FSDP holds it unsharded and prefetches
   the next, plus the unsharded remainder of its part (embeddings, projections): per part,
   remainder + 2 x its largest block, in the compute dtype, plus that block's trainable
   gradients in float32 before the reduce-scatter; the largest part counts.
@@ -60,7 +61,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..build import build_adapter, build_encoder, build_processor, build_unet, build_vae
+from ..build import build_adapter, build_config_unet, build_encoder, build_processor, build_vae
 from ..config import PATCH_SIZE, ModelConfig, load_model_config
 from ..paper_configs import config_dir
 from .checkpoint import STATE_FILE
@@ -141,27 +142,24 @@ def _source_dir(config: TrainConfig, name: str, source: str) -> Path:
 
 def _meta_parts_from_profile(config: TrainConfig) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import Idefics2Config
 
-    from ..encoder import MUMUEncoder
-    from ..pipeline import vae_scale_factor
+    from ..encoder import MUMUEncoder, encoder_config
 
     model_config = _model_config(config)
     with torch.device("meta"):
         if model_config.encoder is None:
             processor = build_processor(model_config.image_size)
-            encoder = build_encoder(processor, model_config.image_size)
+            encoder = build_encoder(processor, model_config.image_size, model_config.image_token_norm)
         else:
             folder = _source_dir(config, "encoder", model_config.encoder)
-            encoder = MUMUEncoder(Idefics2Config.from_pretrained(folder))
+            encoder = MUMUEncoder(encoder_config(folder, model_config.image_token_norm))
         vae = None
         if model_config.vae is not None:
             folder = _source_dir(config, "vae", model_config.vae)
             vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder))
         if model_config.sdxl is None:
             vae = vae if vae is not None else build_vae(sample_size=model_config.resolution)
-            unet = build_unet(sample_size=model_config.resolution // vae_scale_factor(vae),
-                             block_out_channels=model_config.unet_channels)
+            unet = build_config_unet(model_config, vae)
         else:
             folder = _source_dir(config, "sdxl", model_config.sdxl)
             unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
@@ -320,6 +318,10 @@ def estimate(config: TrainConfig, world_size: int | None = None, text_tokens: in
     model_params = sum(totals[m] for m in MODULES)
     model_trainable = sum(trainable[m] for m in MODULES)
     world, rule = resolve_world_size(world_size, model_params + totals["vae"])
+    # HSDP shards within each group of world / hsdp_replicas ranks and replicates across groups.
+    if world % config.hsdp_replicas:
+        raise ValueError(f"hsdp_replicas={config.hsdp_replicas} does not divide the world size {world}")
+    shard = world // config.hsdp_replicas
 
     bf16 = config.mixed_precision == "bf16"
     compute_bytes = 2 if bf16 else 4
@@ -337,12 +339,12 @@ def estimate(config: TrainConfig, world_size: int | None = None, text_tokens: in
     # FSDP units: each repeated block, then what each part keeps outside its blocks.
     memory: list[tuple[str, int]] = []
     frozen = model_params - model_trainable
-    memory.append((f"frozen weights, {frozen_dtype}, {_count(frozen)} / {world}", compute_bytes * frozen // world))
-    memory.append((f"trainable weights, fp32, {_count(model_trainable)} / {world}", 4 * model_trainable // world))
-    memory.append((f"gradients, fp32, {_count(model_trainable)} / {world}", 4 * model_trainable // world))
-    memory.append((f"AdamW moments, 2 x fp32 / {world}", 8 * model_trainable // world))
+    memory.append((f"frozen weights, {frozen_dtype}, {_count(frozen)} / {shard}", compute_bytes * frozen // shard))
+    memory.append((f"trainable weights, fp32, {_count(model_trainable)} / {shard}", 4 * model_trainable // shard))
+    memory.append((f"gradients, fp32, {_count(model_trainable)} / {shard}", 4 * model_trainable // shard))
+    memory.append((f"AdamW moments, 2 x fp32 / {shard}", 8 * model_trainable // shard))
     largest_block = "-"
-    if world > 1:
+    if shard > 1:
         blocks: dict[str, list[tuple[str, int, int]]] = {"encoder": [], "adapter": [], "unet": []}
         in_blocks = dict.fromkeys(blocks, 0)
         for parent, attribute in repeated_blocks(model):
@@ -500,6 +502,7 @@ def check_fits(config: TrainConfig, world_size: int, gpu_bytes: int) -> SizingRe
             f"train config: the model does not fit: estimated peak {_gib(result.peak_bytes)} per GPU on {world_size} "
             f"GPU(s) of {_gib(gpu_bytes)} at batch_size {config.batch_size} ({breakdown}). Use more GPUs, a "
             f"smaller batch_size (with global_batch_size to keep the recipe), activation_checkpointing: true or "
-            f"mixed_precision: bf16; `mumu train CONFIG --dry-run --world-size N` shows the estimate"
+            f"mixed_precision: bf16; `mumu train CONFIG --dry-run --world-size N` shows the estimate, and "
+            f"--skip-fit-check (check_fit: false) trains anyway"
         )
     return result
