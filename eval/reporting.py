@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from mumu_model.atomic import write_bytes_atomic
 from mumu_model.data.shards import encode_image
 from mumu_model.images import pad_to_square
-from mumu_model.tracking import ensure_experiment, log_batch
+from mumu_model.tracking import ensure_experiment, ensure_store, log_batch
 
 from .suites import EntryError
 
@@ -43,7 +43,8 @@ class EvalResult:
     out_dir: Path
     run_id: str | None = None
     tracking_uri: str | None = None
-    headlines: dict[str, str] = field(default_factory=dict)  # per suite with a world: its figures in a line
+    # Per suite with a world or binding rates: those figures in a line, each rate with its interval.
+    headlines: dict[str, str] = field(default_factory=dict)
     ranked_by: list[str] = field(default_factory=list)  # the suites' worlds' main metrics (`compare.main_metric`)
 
     def metrics(self) -> dict[str, float]:
@@ -122,7 +123,7 @@ def log_mlflow(result: EvalResult, uri: str, experiment: str, run_id: str | None
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=ensure_store(uri))  # a new sqlite store: made once, under a lock
     created = run_id is None
     if created:
         run = client.create_run(ensure_experiment(client, experiment, uri), run_name=run_name,

@@ -97,6 +97,9 @@ def main() -> int:
     print("\n== Look around ==")
     print(f"dagster dev -m mumu_assets.definitions -h 127.0.0.1 -p 3000     (DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
     print(f"mlflow ui --backend-store-uri {_tracking_uri()} --host 127.0.0.1 --port 5000")
+    pipeline = params(group="evaluation").get("pipeline")
+    if pipeline:  # the evaluated model in a browser, its own settings and clickable examples
+        print(f"mumu demo --model {pipeline}                              (http://127.0.0.1:7860)")
     print("(run them with .venv/bin/ in front, or after `source .venv/bin/activate`)")
     return 0
 

@@ -38,26 +38,23 @@ def pipeline_size_multiple(folder: str | os.PathLike) -> int | None:
 
     None when the folder does not say (a hub id, a missing or unreadable config).
     """
-    folder = Path(folder)
-    try:
-        vae = json.loads((folder / "vae" / "config.json").read_text())
-        unet = json.loads((folder / "unet" / "config.json").read_text())
-        # Each VAE block after the first halves the image; so does each UNet level after the first.
-        return 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["block_out_channels"]) - 1)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    from .loading import folder_size_multiple
+
+    return folder_size_multiple(folder)
 
 
 def check_sampling(
-    steps: int, guidance: float, sizes: Mapping[str, int | None], pipeline_dir: str | os.PathLike | None
+    steps: int | None, guidance: float | None, sizes: Mapping[str, int | None],
+    pipeline_dir: str | os.PathLike | None,
 ) -> None:
     """Refuse sampling settings no pipeline accepts, before one is loaded.
 
-    `sizes` maps a flag (e.g. "--height") to its value (None: the model's native size).
+    `steps` and `guidance` None, and a size None in `sizes` (which maps a flag, e.g. "--height",
+    to its value), are the pipeline's own sampling defaults.
     """
-    if steps < 1:
+    if steps is not None and steps < 1:
         raise UsageError(f"--steps {steps}: must be at least 1")
-    if not math.isfinite(guidance) or guidance < 0:
+    if guidance is not None and (not math.isfinite(guidance) or guidance < 0):
         raise UsageError(f"--guidance {guidance}: must be a number >= 0 (values <= 1 turn guidance off)")
     multiple = pipeline_size_multiple(pipeline_dir) if pipeline_dir is not None else None
     for flag, value in sizes.items():
@@ -176,20 +173,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
         _silence_libraries()
     pipe = _load_pipeline(args.model, device, dtype)
     pipe.set_progress_bar_config(disable=args.quiet)
+    # What the flags leave out, the model's own sampling defaults give (saved with the pipeline).
+    defaults = pipe.sampling_defaults
+    steps = defaults.num_inference_steps if args.steps is None else args.steps
+    guidance = defaults.guidance_scale if args.guidance is None else args.guidance
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     image = pipe(
         prompt,
         height=args.height,
         width=args.width,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
         negative_prompt=negative,
         generator=generator,
     ).images[0]
     buffer = io.BytesIO()
     image.save(buffer, format=image_format)
     write_bytes_atomic(out, buffer.getvalue())
-    print(f"wrote {out} ({image.width}x{image.height}, {args.steps} steps, guidance {args.guidance}, seed {args.seed}, "
+    print(f"wrote {out} ({image.width}x{image.height}, {steps} steps, guidance {guidance}, seed {args.seed}, "
           f"{device} {str(dtype).removeprefix('torch.')})")
 
 
@@ -280,13 +281,19 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(dry_run_report(config, world_size=args.world_size))
         return
 
-    from .training.trainer import TrainingDiverged, run
+    from .training.trainer import REQUEUE_EXIT_CODE, Preempted, TrainingDiverged, run
 
+    overrides = [*args.set, "check_fit=false"] if args.skip_fit_check else args.set
+    # The trainer's refusals (bad data, another run's checkpoint, an incomplete init_from, a
+    # config that does not fit) are ValueErrors: main() ends them in one line, status 2.
     try:
-        result = run(args.config, args.set, resume=args.resume)
+        result = run(args.config, overrides, resume=args.resume)
     except TrainingDiverged as err:  # a run that went wrong, not a usage mistake: status 1
         print(f"mumu: training stopped: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    except Preempted as err:  # checkpointed on SIGTERM: the launcher requeues on this status
+        print(f"mumu: preempted: {err}", file=sys.stderr)
+        raise SystemExit(REQUEUE_EXIT_CODE) from None
     if result.pipeline_dir is not None:  # rank 0
         loss = f"loss {result.loss:.4f}" if result.loss is not None else "no new steps"
         print(f"trained {result.step} steps ({loss}): wrote {result.pipeline_dir}"
@@ -308,13 +315,35 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"mumu: error: {message} (see {self.prog} --help)\n")
 
 
+def _demo_examples(args: argparse.Namespace, max_images: int):
+    """The demo's examples: from `--examples` suites, else the default suites when they are there."""
+    from .demo import DEFAULT_EXAMPLE_SUITES, suite_examples
+
+    if args.no_examples:
+        return []
+    paths = args.examples or ([DEFAULT_EXAMPLE_SUITES] if DEFAULT_EXAMPLE_SUITES.is_dir() else [])
+    try:
+        return suite_examples(paths, max_images)
+    except ValueError as err:
+        raise UsageError(f"--{err}") from None
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import build_demo
+    from .demo import build_demo, demo_theme
+    from .loading import PipelineFolderError, check_pipeline_folder
 
     device, dtype = device_and_dtype(args)
     source = _pipeline_source(args.model)
     if not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port}: must be 1-65535")
+    max_images = 4
+    if Path(source).is_dir():
+        try:
+            max_images = int(json.loads((check_pipeline_folder(source) / "model_index.json").read_text())
+                             .get("max_images", max_images))
+        except (PipelineFolderError, ValueError, TypeError):
+            pass  # the load below names the problem
+    examples = _demo_examples(args, max_images)  # checked before the model loads
     # Gradio reports usage to its servers unless told not to; a local demo reaches no one.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
@@ -323,8 +352,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
         raise UsageError("the demo needs gradio: pip install gradio") from None
     pipe = _load_pipeline(source, device, dtype)
     pipe.set_progress_bar_config(disable=True)
-    print(f"MUMU demo of {args.model} on http://{args.host}:{args.port} ({device})", flush=True)
-    build_demo(pipe).launch(server_name=args.host, server_port=args.port, share=False, show_error=True)
+    defaults = pipe.sampling_defaults
+    print(f"MUMU demo of {args.model} on http://{args.host}:{args.port} ({device}; {defaults.num_inference_steps} "
+          f"steps, guidance {defaults.guidance_scale}, {defaults.resolution} px; {len(examples)} examples)", flush=True)
+    folders = sorted({str(Path(file).parent) for example in examples for file in example.files})
+    build_demo(pipe, examples=examples).launch(server_name=args.host, server_port=args.port, share=False,
+                                               show_error=True, allowed_paths=folders, theme=demo_theme())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,11 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", required=True, help="output image file, e.g. out.png")
     generate.add_argument("--image-root", default=".", help="folder image paths are relative to and confined to")
     generate.add_argument("--negative-prompt", default=None, help="unconditional branch (default: the empty prompt)")
-    generate.add_argument("--steps", type=int, default=50, help="denoising steps (paper: 50 DDIM)")
-    generate.add_argument("--guidance", type=float, default=6.0, help="guidance scale (paper: 6)")
+    generate.add_argument("--steps", type=int, default=None,
+                          help="denoising steps (default: the model's saved sampling defaults, else the paper's 50 DDIM)")
+    generate.add_argument("--guidance", type=float, default=None,
+                          help="guidance scale (default: the model's saved sampling defaults, else the paper's 6)")
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--height", type=int, default=None, help="default: the model's native size")
-    generate.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    generate.add_argument("--height", type=int, default=None,
+                          help="default: the model's saved resolution, else its native size")
+    generate.add_argument("--width", type=int, default=None,
+                          help="default: the model's saved resolution, else its native size")
     add_device_arguments(generate)
     generate.add_argument("--quiet", action="store_true", help="no progress bar")
     generate.set_defaults(func=cmd_generate)
@@ -358,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", required=True, help="MUMU pipeline folder (or hub id)")
     demo.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
     demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument("--examples", action="append", default=[], metavar="SUITE",
+                      help="a prompt suite (YAML) or a folder of them to take clickable examples from, "
+                           "one per number of images (default: the toy world's validation suites)")
+    demo.add_argument("--no-examples", action="store_true", help="show no examples")
     add_device_arguments(demo)
     demo.set_defaults(func=cmd_demo)
 
@@ -391,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="check the config, print its sizing report and train nothing")
     train.add_argument("--world-size", type=int, default=None, metavar="N",
                        help="with --dry-run: size the run for N processes")
+    train.add_argument("--skip-fit-check", action="store_true",
+                       help="train even when the memory estimate says the run does not fit the GPU (check_fit=false)")
     train.set_defaults(func=cmd_train)
 
     lora = commands.add_parser("lora", help="UNet LoRA tools").add_subparsers(dest="lora_command", required=True)

@@ -25,6 +25,7 @@ import fcntl
 import os
 import tempfile
 import time
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -233,3 +234,33 @@ def resolve_device_dtype(
     if resolved == torch.float16 and parsed.type == "cpu":
         raise ValueError(f"dtype float16 on device {str(parsed)!r}: not supported on the CPU; use float32 or bfloat16")
     return str(parsed), resolved
+
+
+def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast `model`'s floating-point weights to `dtype` in place, as `from_pretrained(torch_dtype=)`
+    would: the modules a diffusers or transformers model lists in `_keep_in_fp32_modules` stay
+    in float32, and a model already in `dtype` is left alone. Returns `model`.
+
+    Not `model.to(dtype)`: diffusers' `ModelMixin.to` warns on every dtype cast that "modules
+    ... should be kept in float32", even for models that list none (`[]`), which is every MUMU
+    model; the modules it would protect are kept here.
+    """
+    weights = [t for t in chain(model.parameters(), model.buffers()) if t.is_floating_point()]
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if not keep and all(t.dtype == dtype for t in weights):
+        return model
+    torch.nn.Module.to(model, dtype=dtype)
+    if keep and dtype != torch.float32:
+        for name, module in model.named_modules():
+            if any(part in keep for part in name.split(".")):
+                torch.nn.Module.to(module, dtype=torch.float32)
+    return model
+
+
+def cast_pipeline(pipe, dtype: torch.dtype):
+    """`cast_weights` on every model of a diffusers pipeline (the processor and scheduler have
+    no weights); returns `pipe`. What `pipe.to(dtype=dtype)` does, without its false warnings."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            cast_weights(component, dtype)
+    return pipe

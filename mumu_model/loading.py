@@ -3,6 +3,8 @@
 `check_pipeline_folder` reads only `model_index.json` and the component folders, so a command
 can refuse an incomplete folder before it loads anything. `load_pipeline` takes a folder or a
 hub id and raises `PipelineFolderError` in one line naming the folder and the problem.
+`write_sampling_defaults` records in a saved folder the steps, guidance and size its model
+samples best with (model_index.json's `sampling_*` values, which `MUMUPipeline` reads).
 """
 
 from __future__ import annotations
@@ -50,6 +52,59 @@ def check_pipeline_folder(path: str | Path) -> Path:
     if missing:
         raise PipelineFolderError(f"pipeline {path} is incomplete: {', '.join(missing)}")
     return path
+
+
+def _component_config(path: Path, name: str) -> dict:
+    return json.loads((path / name / "config.json").read_text())
+
+
+def folder_size_multiple(path: str | Path) -> int | None:
+    """What a pipeline folder's output height and width must be multiples of, read from its VAE
+    and UNet configs without loading weights; None when the folder does not say (a hub id, a
+    missing or unreadable config)."""
+    try:
+        vae, unet = _component_config(Path(path), "vae"), _component_config(Path(path), "unet")
+        # Each VAE block after the first halves the image; so does each UNet level after the first.
+        return 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def folder_native_size(path: str | Path) -> int:
+    """The UNet's native output size of a pipeline folder, in pixels (its sample size in latent
+    cells times the VAE's downsampling), read from the configs."""
+    path = Path(path)
+    try:
+        vae, unet = _component_config(path, "vae"), _component_config(path, "unet")
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise PipelineFolderError(f"pipeline {path}: cannot read the UNet's and VAE's configs: {err}") from None
+
+
+def write_sampling_defaults(
+    path: str | Path, num_inference_steps: int, guidance_scale: float, resolution: int | None = None
+) -> dict:
+    """Save the settings a pipeline folder's model samples best with into its model_index.json,
+    where `MUMUPipeline` reads them (`sampling_defaults`) for calls that give none, as
+    `set_sampling_defaults` + `save_pretrained` would. `resolution` None: the UNet's native size.
+    Nothing but model_index.json is touched (it is replaced atomically). Returns what was written."""
+    from .atomic import write_bytes_atomic
+    from .pipeline import check_sampling_defaults
+
+    path = check_pipeline_folder(path)
+    if resolution is None:
+        resolution = folder_native_size(path)
+    try:
+        check_sampling_defaults(num_inference_steps, guidance_scale, resolution, folder_size_multiple(path))
+    except ValueError as err:
+        raise PipelineFolderError(f"pipeline {path}: {err}") from None
+    written = {"sampling_steps": num_inference_steps, "sampling_guidance": float(guidance_scale),
+               "sampling_resolution": resolution}
+    index_file = path / "model_index.json"
+    index = {**json.loads(index_file.read_text()), **written}
+    # diffusers' own layout: sorted keys, two-space indent.
+    write_bytes_atomic(index_file, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
+    return written
 
 
 def load_pipeline(source: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> MUMUPipeline:

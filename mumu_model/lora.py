@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_dir
+from .devices import cast_weights
 
 logger = logging.getLogger(__name__)
 
@@ -482,7 +483,7 @@ def merge_lora_into_pipeline(pipeline_dir, lora_path, unet_path, out_dir, scale:
                     f"UNet at {unet_path} has {key}={theirs!r} but the MUMU pipeline at {pipeline_dir} "
                     f"expects {mine!r}; it is not a fine-tune of the same base architecture"
                 )
-        unet = unet.to(dtype=current.dtype)
+        cast_weights(unet, current.dtype)  # not unet.to(dtype): diffusers' false float32 warning
 
     merge_unet_lora(unet, lora_path, scale=scale)
     pipe.register_modules(unet=unet)

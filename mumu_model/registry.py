@@ -13,15 +13,20 @@ The model's input is a pandas DataFrame, one row per image to generate:
                               of the prompt; images travel inline, nothing is read from the
                               serving machine's disk
     seed      int, optional   torch.Generator seed (default 0)
-    steps     int, optional   denoising steps (default: model config `steps`, 50)
-    guidance  float, optional guidance scale (default: model config `guidance`, 6.0)
-    height, width  int, optional  output size in pixels (default: the pipeline's native size)
+    steps     int, optional   denoising steps (default: model config `steps`, else the
+                              pipeline's saved sampling defaults, else 50)
+    guidance  float, optional guidance scale (default: model config `guidance`, else the
+                              pipeline's saved sampling defaults, else 6.0)
+    height, width  int, optional  output size in pixels (default: the pipeline's saved
+                              resolution, else its native size)
 
 The output is a DataFrame with one column, `image`: each row's result as base64-encoded PNG.
 A bad row (unparsable prompt, missing or undecodable image) raises ValueError naming the row
 and field. The model config (`model_config=` of `register_pipeline`, overridable at load time)
 takes `device` and `dtype` (as `mumu generate` reads them; default cuda + bfloat16 when there
-is a GPU, else cpu + float32), `steps` and `guidance`.
+is a GPU, else cpu + float32), `steps` and `guidance` (default: the pipeline's own). Only the
+keys given to `register_pipeline` are stored with the model: MLflow also logs them as params of
+the run the model goes into, and an evaluation run already holds its own `steps`, `device`, ...
 """
 
 from __future__ import annotations
@@ -45,13 +50,15 @@ import mlflow.pyfunc
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from .tracking import TRAINED_BY_TAG, ensure_experiment, project_tracking_uri, training_mlflow_run
+from .tracking import TRAINED_BY_TAG, ensure_experiment, ensure_store, project_tracking_uri, training_mlflow_run
 
 PIPELINE_ARTIFACT = "pipeline"
 MODEL_NAME = "model"  # the logged model's name inside its run
 CHAMPION = "champion"
 REGISTRY_EXPERIMENT = "mumu-registry"  # where a pipeline registered without a run is logged
-DEFAULT_MODEL_CONFIG: dict[str, Any] = {"device": None, "dtype": None, "steps": 50, "guidance": 6.0}
+# None: resolved when the model loads (the device and dtype by `resolve_device_dtype`; the steps and
+# guidance are the pipeline's own sampling defaults, saved with it).
+DEFAULT_MODEL_CONFIG: dict[str, Any] = {"device": None, "dtype": None, "steps": None, "guidance": None}
 
 # Distributions the model needs at serving time (mumu_model itself travels as code).
 _REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "diffusers", "accelerate", "safetensors",
@@ -77,8 +84,9 @@ class MUMUPyfuncModel(mlflow.pyfunc.PythonModel):
         device, dtype = resolve_device_dtype(config["device"], config["dtype"])
         self.pipe = load_pipeline(context.artifacts[PIPELINE_ARTIFACT], device, dtype)
         self.pipe.set_progress_bar_config(disable=True)
-        self.steps = int(config["steps"])
-        self.guidance = float(config["guidance"])
+        defaults = self.pipe.sampling_defaults
+        self.steps = int(config["steps"]) if config["steps"] is not None else defaults.num_inference_steps
+        self.guidance = float(config["guidance"]) if config["guidance"] is not None else defaults.guidance_scale
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         import torch
@@ -238,7 +246,9 @@ def register_pipeline(
         run_id: the run to log the model into, e.g. the evaluation run that scored the
             pipeline, so that the version's run holds its metrics; None starts a run in the
             `mumu-registry` experiment.
-        model_config: defaults of the loaded model (`DEFAULT_MODEL_CONFIG` keys).
+        model_config: defaults of the loaded model (`DEFAULT_MODEL_CONFIG` keys); only these
+            are stored with it (and logged as the run's params, as MLflow does), the others
+            resolve when it loads.
         tags: version tags; `mumu.trained_by` (the training run) is added when the folder was
             exported by a training run.
 
@@ -252,7 +262,7 @@ def register_pipeline(
     unknown = set(model_config or {}) - set(DEFAULT_MODEL_CONFIG)
     if unknown:
         raise ValueError(f"model_config: unknown keys {sorted(unknown)} (known: {sorted(DEFAULT_MODEL_CONFIG)})")
-    uri = project_tracking_uri(tracking_uri)
+    uri = ensure_store(project_tracking_uri(tracking_uri))
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     version_tags = {"mumu.pipeline": str(pipeline_dir.resolve()), **(tags or {})}
     trained_by = training_mlflow_run(pipeline_dir)
@@ -275,7 +285,10 @@ def register_pipeline(
             python_model=str(code),
             artifacts={PIPELINE_ARTIFACT: str(pipeline_dir.resolve())},
             code_paths=[str(Path(__file__).resolve().parent)],  # mumu_model: the code of these weights
-            model_config={**DEFAULT_MODEL_CONFIG, **(model_config or {})},
+            # Only what the caller set: the rest resolves at load time (`load_context`), and
+            # MLflow logs the model config as params of the run, where an evaluation run's own
+            # `steps`, `guidance`, `device` and `dtype` would refuse other values.
+            model_config=dict(model_config) if model_config else None,
             signature=_signature(),
             pip_requirements=_requirements(),  # given, so MLflow does not load the model to infer them
             registered_model_name=name,
@@ -342,7 +355,7 @@ def promote_if_better(
 def _client(tracking_uri: str | None):
     from mlflow import MlflowClient
 
-    uri = project_tracking_uri(tracking_uri)
+    uri = ensure_store(project_tracking_uri(tracking_uri))
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

@@ -11,11 +11,15 @@ names, so one training run is one MLflow run however often it was restarted.
 
 Training and evaluation share one store, `sqlite:///runs/mlflow.db` unless MLFLOW_TRACKING_URI
 says otherwise (`project_tracking_uri`); an evaluation finds the training run that exported a
-pipeline folder with `training_mlflow_run`.
+pipeline folder with `training_mlflow_run`. A sqlite store is created once, under a file lock
+beside the database (`ensure_store`), however many trainings and evaluations open it at once:
+MLflow's own schema creation is not safe against a second process doing the same.
 
 When Dagster launched the process through Pipes (its context is in the environment), progress
-lines go to Dagster's log and the end of the run reports an asset materialization; otherwise
-nothing Pipes-related happens (no warning, no mock).
+lines also go to Dagster's event log, at DEBUG: the trainer's own log already prints them on the
+console, where Dagster's log is shown from INFO, so each line shows once there and the Dagster
+UI still lists them. The end of the run reports an asset materialization. Without Pipes nothing
+Pipes-related happens (no warning, no mock).
 """
 
 from __future__ import annotations
@@ -103,6 +107,35 @@ def training_mlflow_run(pipeline_dir: str | Path) -> str | None:
     return None
 
 
+# The sqlite stores this process has made sure of (`ensure_store`).
+_READY_STORES: set[str] = set()
+
+
+def ensure_store(uri: str) -> str:
+    """Make sure the MLflow store at `uri` exists, creating a sqlite one at most once however many
+    processes open it at the same time; returns `uri`.
+
+    MLflow creates a new sqlite database's tables (and runs its migrations) in whichever process
+    opens it first, and two processes doing so at once collide ("table ... already exists",
+    "duplicate column name"). Here the first opening happens under a file lock beside the database
+    (`mlflow.db.lock`), so one process creates the tables and the others, waiting, find them
+    made. Servers (`http://...`) and other databases create their schema themselves: untouched.
+    """
+    if not uri.startswith("sqlite:///") or uri in _READY_STORES:
+        return uri
+    path = Path(uri.removeprefix("sqlite:///").partition("?")[0])  # without SQLAlchemy's query options
+    if path.name and str(path) != ":memory:":
+        from filelock import FileLock
+        from mlflow import MlflowClient
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{path}.lock"):
+            # Opening the store creates its tables when they are missing; a made store only opens.
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    _READY_STORES.add(uri)
+    return uri
+
+
 def _artifact_location(uri: str) -> str | None:
     if uri.startswith("sqlite:///"):
         # Without one MLflow puts artifacts under ./mlruns of whatever the working directory is.
@@ -115,6 +148,7 @@ def ensure_experiment(client, name: str, uri: str, artifact_location: str | None
     its artifacts in `mlartifacts/` beside the database unless `artifact_location` says where."""
     from mlflow.exceptions import MlflowException
 
+    ensure_store(uri)
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
@@ -145,7 +179,7 @@ class Tracker:
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
-        self.uri = default_tracking_uri(config)
+        self.uri = ensure_store(default_tracking_uri(config))
         self.client = MlflowClient(tracking_uri=self.uri)
         if run_id is not None:
             try:  # a resumed run continues its MLflow run
@@ -178,14 +212,15 @@ class Tracker:
         log_batch(self.client, self.run_id, params=items)
 
     def info(self, message: str) -> None:
-        """A line for Dagster's log when Dagster launched the run (the Python log has it anyway)."""
+        """A line for Dagster's event log when Dagster launched the run, at DEBUG: the Python log
+        prints it on the console already (module docstring)."""
         if self.pipes is not None:
-            self.pipes.log.info(message)
+            self.pipes.log.debug(message)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.pipes is not None:
+        if self.pipes is not None:  # at DEBUG, as `info`: the trainer's log prints its own line
             shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "grad_norm", "samples_per_s"))
-            self.pipes.log.info(f"step {step}: {shown}")
+            self.pipes.log.debug(f"step {step}: {shown}")
         if not self.enabled:
             return
         from mlflow.entities import Metric

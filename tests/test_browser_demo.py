@@ -1,8 +1,10 @@
-"""`mumu demo` in headless Chromium: a user writes a prompt, drops an image in its slot and gets
-an image; a corrupt file then shows its error in the page, and the app keeps serving.
-Screenshots go to outputs/test-artifacts/demo/."""
+"""`mumu demo` in headless Chromium: the page starts from the model's sampling defaults and
+offers examples from the suites' crops; a user clicks one and gets an image, writes a prompt,
+drops an image in its slot and gets an image; a corrupt file then shows its error in the page,
+and the app keeps serving. Screenshots go to outputs/test-artifacts/demo/."""
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -10,7 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mumu_model.demo import compose_prompt
+from mumu_model.demo import DEFAULT_EXAMPLE_SUITES, compose_prompt, suite_examples
+from mumu_model.loading import write_sampling_defaults
 
 from .browser import ARTIFACTS, REPO, Server, click_button, free_port, headless_chromium
 
@@ -31,6 +34,19 @@ def test_compose_prompt_places_each_image_and_names_mistakes(tmp_path):
     ]:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             compose_prompt(text, files, max_images=2)
+
+
+def test_examples_come_one_per_number_of_images_from_the_suites(tmp_path):
+    examples = suite_examples([DEFAULT_EXAMPLE_SUITES], max_images=4)
+    assert [len(e.files) for e in examples] == [1, 2, 3]
+    one, two = examples[0], examples[1]
+    assert one.text.count("<image1>") == 1 and "<img:" not in one.text and Path(one.files[0]).is_file()
+    assert "<image1>" in two.text and "<image2>" in two.text
+    parts = compose_prompt(two.text, list(two.files), max_images=4)  # what a click hands the model
+    assert sum(isinstance(part, Image.Image) for part in parts) == 2
+    assert [len(e.files) for e in suite_examples([DEFAULT_EXAMPLE_SUITES], max_images=1)] == [1]
+    with pytest.raises(ValueError, match="no such suite file or folder"):
+        suite_examples([tmp_path / "missing.yaml"], max_images=4)
 
 
 def _text(driver) -> str:
@@ -78,6 +94,30 @@ def _generate(driver, page: str, text: str, image: Path) -> str | None:
     return _wait(lambda: _output_source(driver), 120)
 
 
+def _value(driver, selector: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.CSS_SELECTOR, selector).get_attribute("value")
+
+
+def _click_example(driver, label: str) -> None:
+    """Click the example whose label starts with `label` (React may re-render it meanwhile)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    def clicked() -> bool:
+        for element in driver.find_elements(By.XPATH, f"//*[@id='examples']//*[starts-with(normalize-space(), '{label}')]"):
+            try:
+                if element.is_displayed():
+                    element.click()
+                    return True
+            except StaleElementReferenceException:
+                continue
+        return False
+
+    assert _wait(clicked, 30), _text(driver)
+
+
 def test_a_user_generates_in_the_browser_and_sees_errors(tmp_path, tiny_pipeline_dir):
     pytest.importorskip("gradio")
     from selenium.webdriver.common.by import By
@@ -85,16 +125,35 @@ def test_a_user_generates_in_the_browser_and_sees_errors(tmp_path, tiny_pipeline
 
     shots = ARTIFACTS / "demo"
     shots.mkdir(parents=True, exist_ok=True)
+    # A model saved with its sampling defaults (3 steps, guidance 2): the page starts from them.
+    model = tmp_path / "pipeline"
+    shutil.copytree(tiny_pipeline_dir, model)
+    write_sampling_defaults(model, 3, 2.0)
     driver = headless_chromium()
     port = free_port()
-    server = Server([str(Path(sys.executable).parent / "mumu"), "demo", "--model", str(tiny_pipeline_dir),
+    server = Server([str(Path(sys.executable).parent / "mumu"), "demo", "--model", str(model),
                      "--port", str(port), "--device", "cpu"], f"http://127.0.0.1:{port}/",
                     env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}, cwd=REPO, log=tmp_path / "demo.log")
     red, bad = tmp_path / "red.png", tmp_path / "bad.png"
     Image.new("RGB", (24, 24), (220, 20, 20)).save(red)
     bad.write_bytes(b"\x89PNG\r\n\x1a\nthis is not the rest of a PNG")
+    page = f"http://127.0.0.1:{port}/"
     try:
-        first = _generate(driver, f"http://127.0.0.1:{port}/", "a <image1> circle", red)
+        # A first visitor: the controls show the model's own settings, and an example works in two clicks.
+        driver.get(page)
+        assert _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#prompt textarea"), 60), _text(driver)
+        assert _value(driver, "#steps input[type=number]") == "3"
+        assert _value(driver, "#guidance input[type=number]") == "2"
+        _click_example(driver, "2 objects")
+        assert _wait(lambda: "<image2>" in _value(driver, "#prompt textarea"), 30), _text(driver)
+        assert _wait(lambda: _uploaded(driver, "image1") and _uploaded(driver, "image2"), 30), _text(driver)
+        click_button(driver, "Generate")
+        example = _wait(lambda: _output_source(driver), 120)
+        driver.save_screenshot(str(shots / "0_example.png"))
+        assert example, (tmp_path / "demo.log").read_text()[-3000:]
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#crops img")) == 2  # both crops beside the output
+
+        first = _generate(driver, page, "a <image1> circle", red)
         driver.save_screenshot(str(shots / "1_generated.png"))
         assert first, (tmp_path / "demo.log").read_text()[-3000:]
         gallery = driver.find_elements(By.CSS_SELECTOR, "#crops img")
@@ -111,7 +170,7 @@ def test_a_user_generates_in_the_browser_and_sees_errors(tmp_path, tiny_pipeline
         assert error, _text(driver)
 
         # The app goes on serving: a new page generates again.
-        again = _generate(driver, f"http://127.0.0.1:{port}/", "a <image1> square", red)
+        again = _generate(driver, page, "a <image1> square", red)
         driver.save_screenshot(str(shots / "3_served_again.png"))
         assert again, _text(driver)
         assert server.process.poll() is None  # still serving

@@ -236,3 +236,24 @@ def test_workers_sharing_a_pool_lease_different_devices_until_they_exit(tmp_path
     second.kill()
     second.wait()
     assert out.strip() in {"dev-a", "dev-b"}
+
+
+# -- casting weights --------------------------------------------------------------------------------
+
+
+def test_cast_weights_keeps_fp32_modules_and_says_nothing(pipe, capfd):
+    from mumu_model.devices import cast_pipeline, cast_weights
+
+    capfd.readouterr()
+    cast_pipeline(pipe, torch.float32)  # already float32: nothing to do
+    cast_pipeline(pipe, torch.bfloat16)
+    assert {p.dtype for p in pipe.unet.parameters()} == {p.dtype for p in pipe.adapter.parameters()} == {torch.bfloat16}
+    # diffusers' ModelMixin.to warns at every dtype cast, even for models with no fp32 modules.
+    out = capfd.readouterr()
+    assert "should be kept in float32" not in out.out + out.err
+    vae = pipe.vae
+    vae._keep_in_fp32_modules = ["quant_conv"]  # a model that lists some, as from_pretrained keeps them
+    cast_weights(vae, torch.float32)
+    cast_weights(vae, torch.bfloat16)
+    assert {p.dtype for p in vae.quant_conv.parameters()} == {torch.float32}
+    assert {p.dtype for p in vae.decoder.parameters()} == {torch.bfloat16}
