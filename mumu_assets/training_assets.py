@@ -4,15 +4,17 @@ checkpoint paths and final pipeline folder come back as materialization metadata
 
 # No `from __future__ import annotations`: Dagster reads config and resource types from the
 # live annotations.
+import contextlib
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
 
-from mumu_model.data.versioning import dvc_hash
+from mumu_model.data.versioning import dvc_hash, dvc_state_dir
 
 from .datasets import CAPTIONS
 from .data_assets import multimodal_captions_stage1, multimodal_captions_stage2
@@ -35,6 +37,9 @@ from .params import params
 from .resources import DatasetStorage
 
 T = params(group="training")
+# The sampling settings chosen for the profile's models: its evaluation's (the toy world's were
+# chosen on the validation suites; the paper's are the paper's), saved with each exported pipeline.
+E = params(group="evaluation") or {}
 
 
 LAUNCHERS = ("local", "slurm", "kubernetes")
@@ -158,6 +163,11 @@ class StageConfig(dg.Config):
     config_file: str
     overrides: list[str] = []  # extra `field=value` settings of the training config
     output_root: str = T.get("output_root", "runs")
+    # Saved with the exported pipeline as its sampling defaults (`MUMUPipeline.sampling_defaults`),
+    # which calls, `mumu generate` and `mumu demo` start from; resolution None: the UNet's native size.
+    sampling_steps: int = E.get("steps", 50)
+    sampling_guidance: float = E.get("guidance", 6.0)
+    sampling_resolution: int | None = E.get("resolution", None)
 
 
 class Stage1Config(StageConfig):
@@ -168,12 +178,44 @@ class Stage2Config(StageConfig):
     config_file: str = T.get("stage2_config", "configs/train_stage2_paper.yaml")
 
 
+def data_version_of(shards: Path, output_root: Path) -> tuple[str, float]:
+    """The shards' DVC hash and the seconds it took. Through DVC's state database (the DVC
+    repository's own, else one under `output_root`), so a shard is read only when its inode, size
+    or mtime changed since it was last hashed: at paper size, reading every shard again at each
+    materialization would take hours."""
+    started = time.monotonic()
+    version = dvc_hash(shards, state_dir=dvc_state_dir(shards) or output_root / ".dvc-state")
+    return version, time.monotonic() - started
+
+
+# How `mumu train` ends a refusal (bad data, another run's checkpoint, an incomplete init_from, a
+# config that does not fit): this, the message, on one line of stderr, and exit status 2.
+REFUSAL = "mumu: error: "
+
+
+def trainer_refusal(logs: list[Path], window: int = 1 << 16) -> str | None:
+    """The trainer's last one-line refusal in the end of the launch's logs, without its prefix;
+    None when it ended otherwise. Only the last `window` bytes of each log are read: after the
+    refusal come at most torchrun's own report of the failed worker."""
+    found = None
+    for path in logs:
+        with contextlib.suppress(OSError):
+            with open(path, "rb") as handle:
+                handle.seek(max(0, handle.seek(0, os.SEEK_END) - window))
+                text = handle.read().decode(errors="replace")
+            for line in text.splitlines():
+                if REFUSAL in line:
+                    found = line.split(REFUSAL, 1)[1].strip()
+    return found
+
+
 def _train(context, stage: int, config: StageConfig, shards: Path, cluster: TrainingCluster,
            pipes: dg.PipesSubprocessClient, extra: list[str]) -> dg.MaterializeResult:
     if not any(shards.glob("*.tar")):
         raise dg.Failure(f"no training shards in {shards}: materialize multimodal_captions_stage{stage} first")
     output_dir = Path(config.output_root) / f"stage{stage}"
-    version = dvc_hash(shards)
+    version, hash_seconds = data_version_of(shards, Path(config.output_root))
+    context.log.info(f"data version {version} of {shards} in {hash_seconds:.1f} s")
     overrides = [
         f"shards={shards}",
         f"output_dir={output_dir}",
@@ -209,6 +251,10 @@ def _train(context, stage: int, config: StageConfig, shards: Path, cluster: Trai
     logs = ", ".join(map(str, launched.logs)) or str(pipes_dir / "logs")
     if launched.returncode != 0:
         tail = log_tail(launched.logs)
+        refused = trainer_refusal(launched.logs)
+        if refused is not None:
+            raise dg.Failure(f"stage {stage}: training refused: {refused} (logs: {logs})",
+                             metadata={"command": command, "log_tail": dg.MetadataValue.md(f"```\n{tail}\n```")})
         if rendezvous_failed(tail):
             raise dg.Failure(
                 f"stage {stage}: the torchrun rendezvous at rdzv_endpoint={launched.rdzv_endpoint} did not "
@@ -222,7 +268,18 @@ def _train(context, stage: int, config: StageConfig, shards: Path, cluster: Trai
             f"stage {stage}: training ended without reporting a materialization through Dagster Pipes "
             f"(messages: {pipes_dir / 'messages.jsonl'}): {command}; logs: {logs}",
             metadata={"command": command})
-    return results[-1]
+    from mumu_model.loading import PipelineFolderError, write_sampling_defaults
+
+    try:
+        sampling = write_sampling_defaults(output_dir / "pipeline", config.sampling_steps, config.sampling_guidance,
+                                           config.sampling_resolution)
+    except PipelineFolderError as err:
+        raise dg.Failure(f"stage {stage}: sampling defaults (sampling_* config): {err}") from None
+    context.log.info(f"saved with {output_dir / 'pipeline'}: sampling defaults {sampling['sampling_steps']} steps, "
+                     f"guidance {sampling['sampling_guidance']}, {sampling['sampling_resolution']} px")
+    result = results[-1]
+    return result._replace(metadata={**(result.metadata or {}), "sampling_defaults": dg.MetadataValue.json(sampling),
+                                     "data_version_s": dg.MetadataValue.float(hash_seconds)})
 
 
 # The VAE is an asset of the "pretrained" group: SDXL's in the paper profile, trained by the

@@ -88,3 +88,12 @@ def test_a_model_that_does_not_fit_the_world_size_fails_before_loading():
     too_big = load_train_config("configs/train_stage1_paper.yaml", ["batch_size=64"])
     with pytest.raises(ValueError, match=r"does not fit: estimated peak .* per GPU on 8 GPU\(s\) of 80\.0 GiB at batch_size 64"):
         check_fits(too_big, 8, 80 * 2**30)
+
+
+def test_hsdp_shards_over_its_group_not_the_world(paper):
+    """16 GPUs as 2 replicas of 8-way FSDP hold per GPU what one 8-GPU node does."""
+    hsdp = estimate(load_train_config("configs/train_stage1_paper.yaml", ["hsdp_replicas=2"]), world_size=16)
+    assert [size for _, size in hsdp.memory] == [size for _, size in paper.memory]
+    assert hsdp.peak_bytes == paper.peak_bytes and "/ 8" in hsdp.memory[0][0]
+    with pytest.raises(ValueError, match="hsdp_replicas=3 does not divide the world size 16"):
+        estimate(load_train_config("configs/train_stage1_paper.yaml", ["hsdp_replicas=3"]), world_size=16)

@@ -250,6 +250,60 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path, shard):
         assert torch.allclose(ours[key], theirs[key], rtol=0, atol=1e-6), key
 
 
+SIGTERM_DRIVER = """
+import os, signal, sys
+from mumu_model.cli import main
+from mumu_model.training.trainer import Trainer
+
+original, stop_in = Trainer.train_step, int(sys.argv[2])
+
+
+def train_step(self, batches):
+    if self.step + 1 == stop_in:  # a preemption notice arrives while this step runs
+        os.kill(os.getpid(), signal.SIGTERM)
+    return original(self, batches)
+
+
+Trainer.train_step = train_step
+if __name__ == "__main__":
+    sys.exit(main(["train", sys.argv[1]]))
+"""
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_exits_for_a_requeue(tmp_path, shard):
+    import random
+
+    from mumu_model.training.trainer import REQUEUE_EXIT_CODE
+
+    fields = dict(max_steps=6, checkpoint_every=100, conditioning_dropout=0.5, augment_probability=0.5,
+                  resume="latest")
+    reference = Trainer(tiny(tmp_path / "ref", shard, **fields)).train()
+
+    preempted = tiny(tmp_path / "preempted", shard, **fields)
+    config_file = tmp_path / "preempted.yaml"
+    config_file.write_text(yaml.safe_dump(preempted.to_dict()))
+    driver = tmp_path / "driver.py"
+    driver.write_text(SIGTERM_DRIVER)
+    step = random.Random(os.getpid()).randint(1, 5)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(driver), str(config_file), str(step)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == REQUEUE_EXIT_CODE, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"mumu: preempted: SIGTERM: stopped after step {step} of 6 and wrote "), last
+    assert last.endswith(f"run the same command again to continue run {reference.run_id}"), last
+    assert [s for s, _ in CheckpointManager(run_dir(preempted.output_dir)).complete()] == [step]
+    assert not (Path(preempted.output_dir) / "pipeline").exists()
+
+    from mumu_model.cli import main
+
+    assert main(["train", str(config_file)]) == 0  # the requeued job: the same command
+    ours = load_full(run_dir(preempted.output_dir) / "checkpoints" / "step-00000006", "model.")
+    theirs = load_full(reference.checkpoint, "model.")
+    for key in theirs:
+        assert torch.allclose(ours[key], theirs[key], rtol=0, atol=1e-6), key
+
+
 # -- ⑦ pruning ----------------------------------------------------------------------------------------
 
 

@@ -65,12 +65,16 @@ def test_stage_assets_train_and_report_through_pipes(tmp_path):
     assert all(t.get("dagster_run_id") == result.run_id for t in tags)
     first = {k: v.value for k, v in events["stage1_model"].items()}
     assert first["new_run"] is True and first["data_version"] == dvc_hash(data / "captions" / "stage1")
+    assert first["run_message"].startswith(f"new run {first['run_id']}") and first["data_version_s"] >= 0
 
-    # The same data again: the same run, nothing new to train, and the metadata says so.
-    again = dg.materialize([stage1_model], resources=resources, run_config={"ops": {"stage1_model": run_config["ops"]["stage1_model"]}})
+    # The same data again, one step longer: the same run goes on, and the metadata says so.
+    longer = {"config": {**run_config["ops"]["stage1_model"]["config"], "overrides": [*common, "max_steps=3"]}}
+    again = dg.materialize([stage1_model], resources=resources, run_config={"ops": {"stage1_model": longer}})
     [event] = again.get_asset_materialization_events()
     metadata = {k: v.value for k, v in event.materialization.metadata.items()}
-    assert metadata["new_run"] is False and metadata["run_id"] == first["run_id"]
+    assert metadata["new_run"] is False and metadata["run_id"] == first["run_id"] and metadata["steps"] == 3
+    assert metadata["run_message"].startswith(f"resumed run {first['run_id']}")
+    assert "changed without starting a new run: max_steps 2 -> 3" in metadata["run_message"]
 
     # New captions (another DVC hash): a new run from step 0 with its own MLflow run; the old run stays.
     write_shard(data / "captions" / "stage1" / "00000.tar", list(records(5))[1:])
@@ -157,3 +161,40 @@ def test_a_rendezvous_nobody_answers_fails_in_bounded_time_naming_the_endpoint(t
     assert f"rdzv_endpoint={endpoint}" in message and "rdzv_timeout_s=3" in message, message
     assert "TrainingCluster.rdzv_endpoint" in message
     assert elapsed < 120, elapsed  # bounded by the timeout (plus start-up), not torchrun's 15 minutes
+
+
+def test_a_refusal_fails_the_asset_with_the_trainers_one_line_message(tmp_path):
+    from .test_training_runs import damage
+
+    damage(tmp_path / "data" / "captions" / "stage1")
+    result = _stage1(tmp_path, TrainingCluster(nproc_per_node=1))
+    assert not result.success
+    message = _failure(result)
+    assert "stage 1: training refused: " in message, message
+    assert "unreadable, more than max_bad_fraction=0.01" in message and "00001.tar (damaged" in message
+    assert "Traceback" not in message
+
+
+def test_the_data_version_reads_only_shards_changed_since_they_were_hashed(tmp_path):
+    import os
+
+    from mumu_assets.training_assets import data_version_of
+
+    shards = tmp_path / "captions" / "stage1"
+    first = write_shard(shards / "00000.tar", records(4)).path
+    write_shard(shards / "00001.tar", records(2))
+    version, seconds = data_version_of(shards, tmp_path / "runs")
+    assert version == dvc_hash(shards) and seconds >= 0
+    # A rewritten shard (a new file, as every writer of the data makes) is hashed again.
+    write_shard(shards / "00001.tar", records(3))
+    version = data_version_of(shards, tmp_path / "runs")[0]
+    assert version == dvc_hash(shards)
+    # New bytes behind an unchanged inode, size and mtime: only a re-read would see them, and the
+    # state (DVC's own database; under the output root outside a DVC repository) spares it.
+    stat = first.stat()
+    data = bytearray(first.read_bytes())
+    data[600] ^= 0xFF
+    with open(first, "r+b") as handle:
+        handle.write(bytes(data))
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert data_version_of(shards, tmp_path / "runs")[0] == version != dvc_hash(shards)

@@ -332,11 +332,11 @@ def test_all_bad_stream_raises_instead_of_looping(tmp_path, world_size):
         ],
     )
     stream = ShardStream(_config(str(tmp_path / "bad.tar")), 0, world_size)
-    with pytest.raises(RuntimeError, match="none of the 4 samples"):
+    with pytest.raises(BadData, match="none of the 4 samples"):
         next(iter(stream))
     assert dict(stream.skipped.counts) == {"bad_image": 1, "bad_record": 3}
     loader = make_loader(_config(str(tmp_path / "bad.tar")), build_processor(28), 2, 0, world_size)
-    with pytest.raises(RuntimeError, match="none of the 4 samples"):
+    with pytest.raises(BadData, match="none of the 4 samples"):
         next(iter(loader))
 
 

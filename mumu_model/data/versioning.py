@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 from ..atomic import is_temp_name
 
@@ -37,14 +38,31 @@ class _SkipTemps:
                 yield f"{root}{fs.sep}{name}"
 
 
-def dvc_hash(path: str | os.PathLike) -> str:
+def dvc_hash(path: str | os.PathLike, state_dir: str | os.PathLike | None = None) -> str:
     """md5 of a file, or DVC's `<md5>.dir` tree hash of a folder (what dvc.lock records).
-    Temp files and folders of atomic writers (`.<name>.<token>.tmp`) are not part of it."""
+    Temp files and folders of atomic writers (`.<name>.<token>.tmp`) are not part of it.
+
+    With `state_dir`, DVC's state database there (DVC keeps its own in `.dvc/tmp`,
+    `dvc_state_dir`) remembers each file's md5 by its inode, mtime and size: files unchanged
+    since they were last hashed (by this function or by DVC) are not read again."""
     from dvc_data.hashfile.build import build
     from dvc_data.hashfile.db import HashFileDB
+    from dvc_data.hashfile.state import State, StateNoop
     from dvc_objects.fs.local import LocalFileSystem
 
     fs = LocalFileSystem()
-    with tempfile.TemporaryDirectory() as scratch:
-        _, _, obj = build(HashFileDB(fs, scratch), os.fspath(path), fs, "md5", ignore=_SkipTemps())
+    state = State(tmp_dir=os.fspath(state_dir)) if state_dir is not None else StateNoop()
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            _, _, obj = build(HashFileDB(fs, scratch, state=state), os.fspath(path), fs, "md5", ignore=_SkipTemps())
+    finally:
+        state.close()
     return obj.hash_info.value
+
+
+def dvc_state_dir(path: str | os.PathLike) -> Path | None:
+    """`.dvc/tmp` of the DVC repository `path` is in (where DVC keeps its state database), or None."""
+    for folder in Path(path).resolve().parents:
+        if (folder / ".dvc").is_dir():
+            return folder / ".dvc" / "tmp"
+    return None

@@ -7,7 +7,8 @@
                     each with its offsets in the full tensor (torch.distributed.checkpoint's
                     Hugging Face safetensors format)
         state.json  step, run identity, config, LR scheduler, optimizer param groups, every
-                    rank's data-stream position, the MLflow run id; written last
+                    rank's data-stream position, the unusable samples found so far (so the
+                    bad-data limit covers the whole run), the MLflow run id; written last
 
 Every rank writes its own shards in parallel (`torch.distributed.checkpoint`), so no rank
 gathers the model. Reading goes through the same planner, which reshards: a checkpoint written

@@ -108,6 +108,9 @@ class TrainConfig:
     # How long a collective may wait for the slowest rank before the run fails (NCCL's default
     # is 10 minutes). Rank-0-only work (export, MLflow uploads) runs after the other ranks left.
     dist_timeout_s: float = 600.0
+    # On a GPU, stop before loading anything when the memory estimate (`mumu train --dry-run`)
+    # says the run does not fit; false (`mumu train --skip-fit-check`) when you know better.
+    check_fit: bool = True
 
     # -- output and checkpoints -------------------------------------------------------------
     output_dir: str = "runs/mumu"

@@ -165,8 +165,9 @@ class TrainingSample:
     index: int = -1  # the entry in the stream's index (-1: not from a stream)
 
 
-class BadData(RuntimeError):
-    """More of the training data is unreadable than the run allows; the message names the shards."""
+class BadData(ValueError):
+    """More of the training data is unreadable than the run allows (or none of it is usable); the
+    message names the shards. A ValueError: a refusal of the input, reported in one line."""
 
 
 # -- randomness ----------------------------------------------------------------------------
@@ -757,7 +758,7 @@ class ShardStream:
             if not isinstance(result, _Bad):
                 return
             self._record_bad(index, result)
-        raise RuntimeError(
+        raise BadData(
             f"none of the {len(self.index)} samples in {', '.join(map(repr, self.config.shards))} is usable "
             f"(skipped: {dict(self.skipped.counts)}; e.g. {self.skipped.examples})"
         )
@@ -775,16 +776,9 @@ class ShardStream:
                 lost[shard] = max(1, round(reference) - kept) if reference is not None else max(1, kept)
         return lost
 
-    def data_report(self, examples: int = 3) -> dict:
-        """What is unusable in the data, for the log (JSON-able):
-
-        {"samples_indexed", "shards", "damaged_shards", "estimated_lost" (in damaged shards),
-        "samples_read" (slots consumed), "unusable_samples" (distinct, found so far),
-        "unreadable_fraction", "by_reason": {reason: {"count", "examples" (up to `examples`)}},
-        "worst_shards": [{"shard" (path), "unusable", "estimated_lost", "damaged", "reasons"}] (up to 5)}
-
-        Collective with `gather`: every rank calls it, and all get the figures of all ranks.
-        """
+    def _found_by_all(self, examples: int) -> tuple[int, dict[int, str], dict[str, dict[int, str]]]:
+        """(slots read, entry -> reason of every unusable entry, reason -> {entry: text} of the
+        first `examples` per reason) over all ranks; collective with `gather`."""
         # What this rank found: entry indices by reason (ranks may find the same entry in different
         # epochs), and the text of the first few, which are the first few of the union too.
         found: dict[str, list[int]] = {}
@@ -801,7 +795,49 @@ class ShardStream:
             for reason, indices in loaded["found"].items():
                 unusable.update(dict.fromkeys(indices, reason))
                 candidates.setdefault(reason, {}).update(dict(loaded["examples"][reason]))
+        return read, unusable, candidates
 
+    def found_state(self, examples: int = 3) -> dict:
+        """What all ranks found unusable so far, merged, for a checkpoint (JSON-able): the slots
+        read, the unusable entries by reason and the text of the first few. Collective with
+        `gather`, like `data_report`. `load_found_state` on a fresh stream over the same data (any
+        rank of any world size) restores it, so the figures and `check_bad_fraction` cover the
+        whole run across restarts, not the steps since the last one."""
+        read, unusable, candidates = self._found_by_all(examples)
+        found: dict[str, list[int]] = {}
+        for index, reason in sorted(unusable.items()):
+            found.setdefault(reason, []).append(index)
+        texts = {reason: sorted(entries.items())[:examples] for reason, entries in candidates.items()}
+        return {"dataset": self._dataset, "read": read, "found": found, "examples": texts}
+
+    def load_found_state(self, state: dict) -> None:
+        """Count what `found_state` recorded as found by this stream (its slots read go to rank 0,
+        so the ranks' sum stays the run's)."""
+        if state.get("dataset") != self._dataset:
+            raise ValueError(f"bad-data state is of another dataset ({state.get('dataset')!r}, this stream "
+                             f"reads {self._dataset!r})")
+        for reason, indices in state["found"].items():
+            texts = {int(index): text for index, text in state["examples"].get(reason, [])}
+            for index in indices:
+                if not isinstance(index, int) or not 0 <= index < len(self.index):
+                    raise ValueError(f"bad-data state: entry {index!r} is not one of the {len(self.index)} indexed")
+                where = self._where(index)
+                detail = texts.get(index, f"{where}: found before the run resumed").removeprefix(f"{where}: ")
+                self._record_bad(index, _Bad(reason, where, detail), permanent=reason != "reserved_token")
+        if self.rank == 0:
+            self._read += int(state["read"])
+
+    def data_report(self, examples: int = 3) -> dict:
+        """What is unusable in the data, for the log (JSON-able):
+
+        {"samples_indexed", "shards", "damaged_shards", "estimated_lost" (in damaged shards),
+        "samples_read" (slots consumed), "unusable_samples" (distinct, found so far),
+        "unreadable_fraction", "by_reason": {reason: {"count", "examples" (up to `examples`)}},
+        "worst_shards": [{"shard" (path), "unusable", "estimated_lost", "damaged", "reasons"}] (up to 5)}
+
+        Collective with `gather`: every rank calls it, and all get the figures of all ranks.
+        """
+        read, unusable, candidates = self._found_by_all(examples)
         by_reason: dict[str, dict] = {}
         per_shard: dict[int, Counter] = {}
         for index, reason in unusable.items():
@@ -1252,17 +1288,28 @@ def vae_fingerprint(vae) -> str:
 
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+ENTRY_KEYING = "key@sha256(pixels)"
+
+
+def entry_name(key: str, pixels: torch.Tensor) -> str:
+    """A latent cache entry: the record key and the sha256 of one target's pixel bytes."""
+    data = pixels.detach().to("cpu").contiguous().view(torch.uint8).numpy()
+    return f"{key}@{hashlib.sha256(data).hexdigest()[:32]}"
 
 
 class LatentCache:
     """On-disk cache of target latents, in shard files of up to `shard_size` latents each.
 
-    Valid because targets are never augmented: a key's target (padded, resized to the stream's
-    resolution) is the same every epoch, so its latents are too. If targets ever get random
-    crops or flips, this cache must not be used. The folder is `directory/vae-<hash of the VAE
-    config and weights>-<dtype>/<resolution>/`; each file holds one tensor "latents" [n, C, h, w]
-    and, in its metadata, the n keys and the fingerprint. At start the file headers (not the
-    tensors) are read into a key -> (file, slot) map, about 150 bytes per key in memory.
+    An entry is the record key and a hash of the target's pixels as the VAE gets them
+    (`entry_name`): data rendered again keeps its keys (synthetic keys come from content and
+    style), and a new run must not train on the old images' latents. Hashing costs ~10 ms per
+    1024 px target on one core, far less than the VAE pass a hit saves. Targets are never
+    augmented, so a key's target (padded, resized to the stream's resolution) is the same every
+    epoch and its entry hits from the second epoch on. The folder is `directory/vae-<hash of
+    the VAE config and weights>-<dtype>/<resolution>/`; each file holds one tensor "latents"
+    [n, C, h, w] and, in its metadata, the n entries and the fingerprint. At start the file
+    headers (not the tensors) are read into an entry -> (file, slot) map, about 200 bytes per
+    entry in memory.
 
     A miss goes through the VAE and is kept in memory; every `shard_size` misses become one new
     file, written atomically under a name no other writer uses (`writer` + a random suffix), so
@@ -1308,6 +1355,7 @@ class LatentCache:
         if pixel_values.dim() != 4 or pixel_values.shape[0] != len(keys) or pixel_values.shape[-1] != pixel_values.shape[-2]:
             raise ValueError(f"pixel_values must be [{len(keys)}, 3, R, R], got {list(pixel_values.shape)}")
         resolution = int(pixel_values.shape[-1])
+        keys = [entry_name(key, pixels) for key, pixels in zip(keys, pixel_values)]
         if resolution not in self._seen:
             self._scan(resolution)
         found = [self._lookup(resolution, key) for key in keys]
@@ -1335,7 +1383,9 @@ class LatentCache:
             self._write(resolution)
 
     def _metadata(self, resolution: int) -> dict[str, str]:
-        return {"resolution": str(resolution), "vae": self.fingerprint, "dtype": str(self.dtype)}
+        # "entries" names the keying: files of a cache keyed by record key alone are ignored.
+        return {"resolution": str(resolution), "vae": self.fingerprint, "dtype": str(self.dtype),
+                "entries": ENTRY_KEYING}
 
     def _scan(self, resolution: int) -> None:
         """Read the headers of the files not seen yet."""

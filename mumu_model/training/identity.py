@@ -1,17 +1,22 @@
-"""A training run's identity: everything that changes what the run produces.
+"""A training run's identity: everything that sets where the run's weights head.
 
 Three parts, hashed together into the run's id:
-- the recipe: every `TrainConfig` field that changes the trained weights (model, modes, learning
-  rates, steps, seeds, image sizes, ...), with the per-process batch replaced by the global batch,
-  so the same recipe on another number of processes is the same run;
+- the recipe: every `TrainConfig` field that changes the trained weights' trajectory (model,
+  modes, learning rates and schedule shape, seeds, image sizes, ...), with the per-process batch
+  replaced by the global batch, so the same recipe on another number of processes is the same run;
 - the data: the training shards' version (`data_version` when the caller knows it, else DVC's
   hash of the shard folder, or an md5 over the shard files, computed at start);
 - the starting weights: a content hash of the `init_from` folder (None when built from a profile).
 
-Fields that only say where, how often or how loudly (output folder, checkpoint and log cadence,
-tracking, validation, export format, device, timeouts) are not part of it. A run with a new
-identity gets its own folder, `output_dir/runs/<run id>/`, and its own MLflow run; `resume=latest`
-continues only a checkpoint of the same identity.
+Not part of it: fields that only say where, how often or how loudly (output folder, checkpoint
+and log cadence, tracking, validation, export format, device, timeouts); how the same steps are
+computed (activation checkpointing, mixed precision, the per-process batch and the process count
+when `global_batch_size` is set, HSDP groups, data workers): what users change after an
+out-of-memory error or on another cluster; and how long the run goes (`max_steps`): extending a
+run continues it (a cosine schedule is stretched to the new end from the step it resumes at).
+`resume_changes` lists such changes when a run resumes. A run with a new identity gets its own
+folder, `output_dir/runs/<run id>/`, and its own MLflow run; `resume=latest` continues only a
+checkpoint of the same identity.
 """
 
 from __future__ import annotations
@@ -30,9 +35,13 @@ NOT_IDENTITY = frozenset({
     "init_from",  # stands for the starting weights, identified by their content
     "batch_size",  # replaced by the global batch
     "global_batch_size",
+    "max_steps",  # the run's length: extending it continues the run
+    "activation_checkpointing",  # memory settings: the same steps, computed another way
+    "mixed_precision",
     "cache_latents",
     "device",
     "dist_timeout_s",
+    "check_fit",
     "hsdp_replicas",  # how the same computation is laid out on the ranks
     "output_dir",
     "checkpoint_every",
@@ -83,13 +92,14 @@ def content_hash(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def data_version(shards: tuple[str, ...], shard_files: list[Path]) -> str:
+def data_version(shards: tuple[str, ...], shard_files: list[Path], state_dir: str | os.PathLike | None = None) -> str:
     """The data's version: DVC's hash when `shards` names one folder (what dvc.lock records for
-    it), else an md5 over the names and md5s of the shard files."""
+    it; through DVC's state database when `state_dir` or the folder's DVC repository has one, so
+    unchanged shards are not read again), else an md5 over the names and md5s of the shard files."""
     if len(shards) == 1 and Path(shards[0]).is_dir():
-        from ..data.versioning import dvc_hash
+        from ..data.versioning import dvc_hash, dvc_state_dir
 
-        return dvc_hash(shards[0])
+        return dvc_hash(shards[0], state_dir=dvc_state_dir(shards[0]) or state_dir)
     digest = hashlib.md5()
     for file in sorted(shard_files):
         md5 = hashlib.md5()
@@ -118,8 +128,26 @@ def identity_differences(old: dict, new: dict) -> list[str]:
     for name in sorted(set(old_recipe) | set(new_recipe)):
         if old_recipe.get(name) != new_recipe.get(name):
             out.append(f"{name} {old_recipe.get(name)!r} -> {new_recipe.get(name)!r}")
-    labels = {"global_batch_size": "global batch", "data": "data version", "init": "starting weights (init_from)"}
+    labels = {"global_batch_size": "global batch (global_batch_size, else batch_size x processes)",
+              "data": "data version", "init": "starting weights (init_from)"}
     for key, label in labels.items():
         if old.get(key) != new.get(key):
             out.append(f"{label} {old.get(key)} -> {new.get(key)}")
+    return out
+
+
+# Config fields a resume may change without a word: where things go and run-by-run bookkeeping.
+QUIET = frozenset({"resume", "tags", "run_name", "output_dir", "shards", "init_from", "data_version"})
+
+
+def resume_changes(saved: dict, saved_world_size: int, config: TrainConfig, world_size: int) -> list[str]:
+    """What a resume changes without changing the run, one readable item per field: the fields
+    of a checkpoint's config (`saved`) that differ from `config`, and the process count."""
+    out = []
+    current = config.to_dict()
+    for name in sorted(set(current) - QUIET):
+        if name in saved and saved[name] != current[name]:
+            out.append(f"{name} {saved[name]!r} -> {current[name]!r}")
+    if saved_world_size != world_size:
+        out.append(f"processes {saved_world_size} -> {world_size}")
     return out

@@ -196,17 +196,31 @@ def all_gather_bytes(data: bytes, device: torch.device) -> list[bytes]:
     return [g[: int(n)].cpu().numpy().tobytes() for g, n in zip(gathered, lengths)]
 
 
-def broadcast_bytes(data: bytes, device: torch.device) -> bytes:
-    """Rank 0's `data` on every rank."""
+def broadcast_bytes(data: bytes, device: torch.device, group: dist.ProcessGroup | None = None) -> bytes:
+    """Rank 0's `data` on every rank (of `group`; None: the default group)."""
     if not dist.is_initialized():
         return data
     length = torch.tensor([len(data)], dtype=torch.int64, device=device)
-    dist.broadcast(length, src=0)
+    dist.broadcast(length, src=0, group=group)
     buffer = torch.zeros(int(length), dtype=torch.uint8, device=device)
     if dist.get_rank() == 0 and data:
         buffer[:] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
-    dist.broadcast(buffer, src=0)
+    dist.broadcast(buffer, src=0, group=group)
     return buffer.cpu().numpy().tobytes()
+
+
+# How long the other ranks wait for one rank's setup work (hashing terabytes of shards or a
+# 45 GB starting pipeline) instead of the training collectives' `dist_timeout_s`. A crashed rank
+# still ends the wait at once: torchrun stops every worker when one fails.
+SETUP_TIMEOUT_S = 24 * 3600.0
+
+
+def setup_group() -> dist.ProcessGroup | None:
+    """Every rank in a gloo group with `SETUP_TIMEOUT_S` (CPU tensors), for the collectives that
+    follow one rank's slow setup work; None without a process group. Collective."""
+    if not dist.is_initialized():
+        return None
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=SETUP_TIMEOUT_S))
 
 
 def barrier() -> None:

@@ -27,7 +27,9 @@ latest finished run's exports are linked from `output_dir/pipeline` and `output_
 New data or a changed recipe starts a new run beside the old one; `resume=latest` continues only
 a checkpoint of the same identity, on any number of processes (`global_batch_size` keeps the
 recipe; every step's noise is drawn for the whole global batch from one generator that every
-rank advances alike and checkpoints carry).
+rank advances alike and checkpoints carry), with other memory settings or a longer `max_steps`
+(the run's message says what changed and how the LR schedule goes on). docs/training.md has
+the table.
 
 Ranks never wait on rank-0-only work: after the last collective (final checkpoint, validation)
 every other rank leaves, and rank 0 alone exports and uploads.
@@ -43,7 +45,10 @@ import json
 import logging
 import math
 import os
+import re
 import resource
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -57,6 +62,7 @@ from torch import nn
 from ..atomic import atomic_dir, write_bytes_atomic
 from ..build import DTYPES, build_pipeline
 from ..config import load_model_config
+from ..devices import cast_pipeline
 from ..encoder import configure_processor
 from ..lora import add_unet_lora, export_unet_lora
 from ..pipeline import MUMUPipeline, encode_inputs
@@ -66,7 +72,8 @@ from . import parallel
 from .checkpoint import STATE_FILE, CheckpointManager
 from .config import MODULES, TrainConfig, config_from_dict, load_train_config
 from .ema import EMA
-from .identity import RUN_FILE, content_hash, data_version, identity_differences, run_id, run_identity
+from .identity import (RUN_FILE, content_hash, data_version, identity_differences, resume_changes, run_id,
+                       run_identity)
 from ..tracking import Tracker, validation_grid
 
 logger = logging.getLogger("mumu.training")
@@ -76,8 +83,41 @@ class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm stopped being finite; nothing of that step was saved."""
 
 
-class DataChanged(RuntimeError):
-    """A training shard changed on disk while the run was reading it."""
+class Preempted(Exception):
+    """SIGTERM (a preemption, an eviction, a spot reclaim) stopped the run after the step it was
+    in, once every rank had written the checkpoint of that step; `run` again to continue."""
+
+
+# The exit status of a preempted run: sysexits' EX_TEMPFAIL, "try again later". Launchers requeue
+# on it (docs/training.md); the requeued run resumes from the checkpoint written on the way out.
+REQUEUE_EXIT_CODE = 75
+
+
+class SigtermFlag:
+    """While the block runs (in the main thread), SIGTERM sets `received` instead of ending the
+    process, so the training loop can end its step, write a checkpoint and stop; the previous
+    handler (by default: exit at once) is back outside the block, export included."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def __enter__(self) -> "SigtermFlag":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+class DataChanged(ValueError):
+    """A training shard changed on disk while the run was reading it (a refusal, like bad data)."""
 
 
 # -- the module being trained ---------------------------------------------------------------------
@@ -199,7 +239,10 @@ def previous_unet_lora(init_from: str | Path | None):
         return lora if lora.is_dir() else None
     weights, state = ckpt.load_weights(folder)
     config = config_from_dict(state["config"])
-    lora = {name: tensor for name, tensor in weights.items() if name.startswith("unet.") and "lora_" in name}
+    # A checkpoint names the model's parameters (peft's `...to_q.lora_A.default.weight`); LoRA
+    # files, and the readers, use peft's saved names, which leave out the adapter's name.
+    lora = {re.sub(r"\.(lora_[AB])\.default\.weight$", r".\1.weight", name): tensor
+            for name, tensor in weights.items() if name.startswith("unet.") and "lora_" in name}
     if not lora:
         return None
     return lora, {"r": config.lora_rank, "lora_alpha": config.lora_alpha or config.lora_rank}
@@ -335,6 +378,16 @@ def lr_factor(config: TrainConfig, step: int) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def schedule_continuation(old: TrainConfig, new: TrainConfig, step: int) -> str:
+    """How the LR schedule goes on from `step` when a resume changes max_steps (one phrase)."""
+    if step >= new.max_steps:
+        return f"step {step} is already at max_steps {new.max_steps} or past it: nothing more trains"
+    if new.lr_schedule == "constant":
+        return f"the learning rate schedule (constant after warm-up) goes on unchanged to step {new.max_steps}"
+    return (f"the cosine schedule now decays to min_lr_ratio at step {new.max_steps}: lr factor at step {step} "
+            f"{lr_factor(old, step):.3g} -> {lr_factor(new, step):.3g}")
+
+
 # -- the run ---------------------------------------------------------------------------------------
 
 
@@ -434,19 +487,21 @@ class Trainer:
         # The run: its identity (hashing the data and the starting weights is rank 0's job).
         shard_files = expand_shards(_shard_patterns(config.shards))
         self._shard_stats = {path: _stat(path) for path in shard_files}
+        # Rank 0 may hash for longer than `dist_timeout_s`: the others wait on a group of their own.
+        setup = parallel.setup_group()
         identity = None
         if self.dist.is_main:
-            data = config.data_version or data_version(config.shards, shard_files)
+            data = config.data_version or data_version(config.shards, shard_files, self.output_dir / ".dvc-state")
             init = content_hash(config.init_from) if config.init_from else None
             identity = run_identity(config, self.dist.world_size, data, init)
-        self.identity = json.loads(parallel.broadcast_bytes(json.dumps(identity).encode(), self._comm))
+        self.identity = json.loads(parallel.broadcast_bytes(json.dumps(identity).encode(), torch.device("cpu"), setup))
         self.run_id = run_id(self.identity)
         self.run_dir = self.output_dir / "runs" / self.run_id
         self.checkpoints = CheckpointManager(self.run_dir, config.checkpoints_total_limit)
         resume = self._resolve_resume(config.resume)
         self.new_run = resume is None
 
-        if self.device.type == "cuda":  # fail before loading tens of GB when it cannot fit
+        if self.device.type == "cuda" and config.check_fit:  # fail before loading tens of GB when it cannot fit
             from .sizing import check_fits
 
             check_fits(config, self.dist.world_size, torch.cuda.get_device_properties(self.device).total_memory)
@@ -497,7 +552,11 @@ class Trainer:
         self.loader = make_loader(data_config, self.pipe.processor, config.batch_size, self.dist.rank,
                                   self.dist.world_size, config.data_workers, config.data_prefetch, gather=gather)
         self.stream = self.loader.stream
-        self.loader.check_bad_fraction(config.max_bad_fraction)  # damaged shards fail here, on every rank
+        found = ckpt.read_state(resume).get("bad_data") if resume is not None else None
+        if found is not None:  # what the run found unusable before this restart counts against its limit
+            self.stream.load_found_state(found)
+        # Damaged shards (and a resumed run past its limit) fail here, on every rank.
+        self.loader.check_bad_fraction(config.max_bad_fraction)
         self.latent_cache = None
         if config.cache_latents:
             self.latent_cache = LatentCache(self.output_dir / "latents", self.pipe.vae, writer=f"rank{self.dist.rank}")
@@ -705,32 +764,35 @@ class Trainer:
         window_time = 0.0
         status = "FAILED"
         try:
-            while self.step < config.max_steps:
-                started = time.perf_counter()  # throughput includes reading and collating the data
-                metrics = self.train_step([next(self.batches) for _ in range(self.accumulation)])
-                window_time += time.perf_counter() - started
-                self.losses.append(metrics["loss"])
-                window_losses.append(metrics["loss"])
-                if self.step % config.log_every == 0 or self.step == config.max_steps:
-                    # Means over the steps since the last log; lrs and grad norm of this step.
-                    metrics["loss"] = sum(window_losses) / len(window_losses)
-                    metrics["step_time_s"] = window_time / len(window_losses)
-                    metrics["samples_per_s"] = global_batch / metrics["step_time_s"]
-                    metrics["peak_memory_mb"] = peak_memory_mb(self.device)
-                    metrics.update(self._data_metrics())  # collective: every rank reaches this line
-                    window_losses, window_time = [], 0.0
-                    self.tracker.log_metrics(metrics, self.step)
-                    if self.dist.is_main:
-                        logger.info("step %d: loss %.4f, grad norm %.3g, %.1f samples/s", self.step,
-                                    metrics["loss"], metrics["grad_norm"], metrics["samples_per_s"])
-                if self.step % config.checkpoint_every == 0:
-                    self.save_checkpoint()
-                if config.validate_every and self.step % config.validate_every == 0 and self.step < config.max_steps:
-                    self.validate()
+            with SigtermFlag() as sigterm:
+                while self.step < config.max_steps:
+                    started = time.perf_counter()  # throughput includes reading and collating the data
+                    metrics = self.train_step([next(self.batches) for _ in range(self.accumulation)])
+                    window_time += time.perf_counter() - started
+                    self.losses.append(metrics["loss"])
+                    window_losses.append(metrics["loss"])
+                    if self.step % config.log_every == 0 or self.step == config.max_steps:
+                        # Means over the steps since the last log; lrs and grad norm of this step.
+                        metrics["loss"] = sum(window_losses) / len(window_losses)
+                        metrics["step_time_s"] = window_time / len(window_losses)
+                        metrics["samples_per_s"] = global_batch / metrics["step_time_s"]
+                        metrics["peak_memory_mb"] = peak_memory_mb(self.device)
+                        metrics.update(self._data_metrics())  # collective: every rank reaches this line
+                        window_losses, window_time = [], 0.0
+                        self.tracker.log_metrics(metrics, self.step)
+                        if self.dist.is_main:
+                            logger.info("step %d: loss %.4f, grad norm %.3g, %.1f samples/s", self.step,
+                                        metrics["loss"], metrics["grad_norm"], metrics["samples_per_s"])
+                    if self.step % config.checkpoint_every == 0:
+                        self.save_checkpoint()
+                    if self._any_rank(sigterm.received):  # collective: every rank asks after every step
+                        self._stop_preempted()
+                    if config.validate_every and self.step % config.validate_every == 0 and self.step < config.max_steps:
+                        self.validate()
             result = self.finish()
             status = "FINISHED"
             return result
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Preempted):
             status = "KILLED"
             raise
         finally:
@@ -738,6 +800,19 @@ class Trainer:
                 self.loader.close()
             if status != "FINISHED":
                 self.tracker.finish(status)
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether `flag` is set on any rank (collective when distributed)."""
+        if not parallel.is_distributed():
+            return flag
+        return parallel.all_reduce_mean(torch.tensor([float(flag)], device=self._comm)).item() > 0
+
+    def _stop_preempted(self) -> None:
+        """Checkpoint the step just finished (collective) and raise `Preempted`."""
+        path = self.save_checkpoint() if self.last_saved != self.step else self.checkpoints.latest()
+        again = "run the same command again" if self.config.resume == "latest" else "run again with --resume latest"
+        raise Preempted(f"SIGTERM: stopped after step {self.step} of {self.config.max_steps} and wrote {path}; "
+                        f"{again} to continue run {self.run_id}")
 
     def _data_metrics(self) -> dict[str, float]:
         """Unreadable data so far, for the log; raises `BadData` naming the shards past the limit."""
@@ -783,6 +858,7 @@ class Trainer:
             "ema": self.ema is not None,
             "noise_generator": base64.b64encode(self.noise_generator.get_state().numpy().tobytes()).decode(),
             "data": [json.loads(blob) for blob in data_states],
+            "bad_data": self.stream.found_state(),  # collective
             "loss": self.losses[-1] if self.losses else None,
             "mlflow_run_id": self.tracker.run_id,
             "time": time.time(),
@@ -815,7 +891,16 @@ class Trainer:
         self.noise_generator.set_state(torch.frombuffer(generator_state, dtype=torch.uint8).clone())
         self.stream.load_state_dict(self._data_state(state, path))
         self.step = self.last_saved = int(state["step"])
+        # The next step's lr from this config's schedule: the same as the checkpoint's unless
+        # max_steps changed the length a cosine decays over.
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * lr_factor(self.config, self.step)
         self.run_message = f"resumed run {self.run_id} from {path} at step {self.step}"
+        changes = resume_changes(state["config"], state["world_size"], self.config, self.dist.world_size)
+        if changes:
+            self.run_message += f"; changed without starting a new run: {'; '.join(changes)}"
+        if state["config"]["max_steps"] != self.config.max_steps:
+            self.run_message += f"; {schedule_continuation(config_from_dict(state['config']), self.config, self.step)}"
         logger.info(self.run_message)
         return state.get("mlflow_run_id")
 
@@ -920,6 +1005,7 @@ class Trainer:
             "run_dir": str(self.run_dir),
             "new_run": self.new_run,
             "previous_run": self.previous_run,
+            "run_message": self.run_message,  # new, resumed, and what changed
             "data_version": self.identity["data"],
             "pipeline_path": str(result.pipeline_dir),
             "unet_lora_path": str(result.unet_lora_dir) if result.unet_lora_dir else None,
@@ -953,7 +1039,8 @@ def export_final(
     if export_lora and getattr(model.unet, "peft_config", None):
         exports["unet_lora"] = export_unet_lora(model.unet, out_dir / "unet_lora", previous=previous_lora)
     merge_loras(model)
-    pipe.to(dtype=dtype)
+    # Not pipe.to(dtype): diffusers warns at each of its models that none needs keeping in float32.
+    cast_pipeline(pipe, dtype)
     exports["pipeline"] = out_dir / "pipeline"
     with atomic_dir(exports["pipeline"]) as tmp:
         pipe.save_pretrained(tmp)
