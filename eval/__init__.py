@@ -1,5 +1,6 @@
 """Evaluation of MUMU pipelines: DreamBench metrics, multimodal CLIP score, face consistency,
-text adherence against SDXL, on versioned prompt suites, logged to MLflow.
+slot binding of multi-subject prompts, text adherence against SDXL, on versioned prompt suites,
+logged to MLflow.
 
 The package is named `eval`: use `import eval.run` or `from eval import evaluate`. A module
 that does `import eval` hides the builtin `eval()` in that module (nothing else).

@@ -1,9 +1,11 @@
-"""`mumu eval run` and `mumu eval compare`, added to `mumu` by `add_eval_commands(subparsers)`
-(registered in pyproject.toml under the `mumu.commands` entry points).
+"""`mumu eval run`, `mumu eval compare` and `mumu eval import`, added to `mumu` by
+`add_eval_commands(subparsers)` (registered in pyproject.toml under the `mumu.commands` entry
+points).
 
 Mistakes (a missing suite, an incomplete pipeline folder, an unknown run) raise ValueError
 subclasses, which `mumu`'s main reports in one line with exit status 2. An evaluation that
-finished with entry errors prints them and exits 1, so scripts notice a broken suite.
+finished with entry errors prints them and exits 1, so scripts notice a broken suite; so does
+an import that left records out.
 `python -m eval.cli ...` runs the same commands without `mumu`.
 """
 
@@ -118,8 +120,24 @@ def cmd_eval_compare(args: argparse.Namespace) -> None:
     print(compare_runs(args.run_a, args.run_b, absolute_tracking_uri(uri)))
 
 
+def cmd_eval_import(args: argparse.Namespace) -> None:
+    from .benchmarks import BENCHMARKS
+
+    source = Path(args.source)
+    if not source.exists():
+        raise EvalUsageError(f"{source}: no such file or folder")
+    written, problems = BENCHMARKS[args.format](source, Path(args.out))
+    for path in written:
+        print(f"wrote {path}")
+    if problems:
+        for problem in problems:
+            print(f"mumu: not imported: {problem}", file=sys.stderr)
+        print(f"mumu: {len(problems)} records or subjects were not imported", file=sys.stderr)
+        raise SystemExit(1)
+
+
 def add_eval_commands(subparsers) -> argparse.ArgumentParser:
-    """Add `eval run` and `eval compare` to the `mumu` parser's subcommands."""
+    """Add `eval run`, `eval compare` and `eval import` to the `mumu` parser's subcommands."""
     from mumu_model.cli import add_device_arguments
 
     evaluation = subparsers.add_parser("eval", help="evaluate a pipeline on prompt suites; compare runs")
@@ -172,6 +190,20 @@ def add_eval_commands(subparsers) -> argparse.ArgumentParser:
     compare.add_argument("--tracking-uri", default=None,
                          help="default: $MLFLOW_TRACKING_URI, else runs/mlflow.db, else outputs/mlflow.db")
     compare.set_defaults(func=cmd_eval_compare)
+
+    imported = commands.add_parser(
+        "import", help="a public benchmark's prompts as suite YAML (DreamBench folder, OmniContext JSON)",
+        description="Writes suites whose prompts name their images inline, one object per image slot; "
+        "the images stay where they are (image_root points at them). Formats: eval/benchmarks.py, "
+        "docs/evaluation.md.",
+    )
+    imported.add_argument("format", choices=("dreambench", "omnicontext"),
+                          help="dreambench: a folder with prompts_and_classes.txt and a folder per subject; "
+                          "omnicontext: a JSON list of {key, task_type, instruction, input_images}")
+    imported.add_argument("source", metavar="SOURCE",
+                          help="the benchmark's folder (dreambench) or JSON file (omnicontext)")
+    imported.add_argument("--out", required=True, help="folder for the suite YAML files")
+    imported.set_defaults(func=cmd_eval_import)
     return evaluation
 
 

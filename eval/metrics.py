@@ -136,6 +136,19 @@ def _square_clip_images(clip: ClipEmbedder, images: Sequence[Image.Image]) -> to
     return clip.images([pad_to_square(to_rgb(image)) for image in images])
 
 
+def phrase_query(texts: Sequence[str]) -> dict[str, Phrase]:
+    """The detector query of `texts`: each distinct phrase once (case-insensitive, keyed by its
+    lower case), as spans of a ". "-joined caption, GroundingDINO's form."""
+    phrases: dict[str, Phrase] = {}
+    position = 0
+    for text in texts:
+        lower = text.lower()
+        if lower not in phrases:
+            phrases[lower] = Phrase(text, position, position + len(text))
+            position += len(text) + 2
+    return phrases
+
+
 def multimodal_clip_score(
     clip: ClipEmbedder,
     detector: Detector,
@@ -159,14 +172,7 @@ def multimodal_clip_score(
     if not objects:
         return [MultimodalScore(()) for _ in outputs]
 
-    # The query: each distinct phrase once, as spans of a ". "-joined caption (GroundingDINO's form).
-    phrases: dict[str, Phrase] = {}
-    position = 0
-    for _, text in objects:
-        lower = text.lower()
-        if lower not in phrases:
-            phrases[lower] = Phrase(text, position, position + len(text))
-            position += len(text) + 2
+    phrases = phrase_query([text for _, text in objects])
     query = list(phrases.values())
     detections = detector.detect(outputs, [query] * len(outputs), keys=keys, skipped=skipped)
 
@@ -204,5 +210,6 @@ __all__ = [
     "dino_score",
     "mean_cosine_to_references",
     "multimodal_clip_score",
+    "phrase_query",
     "wilson_interval",
 ]

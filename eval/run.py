@@ -20,7 +20,8 @@ Steps, in an order that fails fast and keeps one big model in memory at a time:
    exported by a training run (`mumu_model.tracking.training_mlflow_run`).
 
 The steps live in `eval.generation`, `eval.scoring` and `eval.reporting`; the metrics in
-`eval.metrics`, `eval.faces` and the suites' worlds (`eval.worlds`).
+`eval.metrics`, `eval.faces`, the slot-binding judge (`eval.binding`) and the suites' worlds
+(`eval.worlds`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from mumu_model.loading import PipelineFolderError, check_pipeline_folder, load_
 from mumu_model.pipeline import MUMUPipeline
 from mumu_model.tracking import TRAINED_BY_TAG, project_tracking_uri, store_beside, training_mlflow_run
 
+from .binding import binding_headline
 from .generation import Sampling, free_memory, generate_sdxl, generate_suites
 from .reporting import EvalResult, log_mlflow, write_report, write_summary
 from .scoring import EvalModels, aggregate, load_scorers, score_entry, summarize
@@ -175,8 +177,13 @@ def evaluate(
         **{f"suite.{s.name}.entries": str(len(s.entries) + len(s.errors)) for s in loaded_suites},
         **{f"models.{k}": v for k, v in models.describe().items()},
     }
-    headlines = {name: line for name, world in worlds.items()
-                 if world is not None and (line := world.headline(suite_metrics[name]))}
+    # Per suite, its world's figures and the binding judge's, each rate with its interval.
+    headlines = {}
+    for name, world in worlds.items():
+        parts = [world.headline(suite_metrics[name]) if world is not None else "",
+                 binding_headline(suite_metrics[name])]
+        if line := " | ".join(part for part in parts if part):
+            headlines[name] = line
     ranked_by = list(dict.fromkeys(world.main_metric for world in worlds.values() if world is not None))
     result = EvalResult(table, suite_metrics, totals, errors, settings, out_dir, headlines=headlines,
                         ranked_by=ranked_by)

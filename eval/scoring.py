@@ -6,8 +6,11 @@ metrics and `aggregate` the suites into one set.
 
 Metric columns of a row (one generated image): clip_t, clip_i, dino, pickscore, mm_clip
 (multimodal CLIP score), mm_objects / mm_found, face_sim / face_dist / face_found /
-face_total, the metrics of the suite's world (`eval.worlds`; the toy world's colour and object
-probes), and for text-only rows sdxl_clip_t. A metric whose model is not configured is absent;
+face_total, for entries with two or more objects the slot-binding judge's columns (`eval.binding`:
+n_slots, slot_bound, all_bound, slot_leaked, slot_missing, slot_duplicated, slot_copy_paste,
+leakage, slot_outcomes), the metrics of the suite's world (`eval.worlds`; the toy world's colour
+and object probes, and the binding columns under the same names), and for text-only rows
+sdxl_clip_t. A metric whose model is not configured is absent;
 a metric that does not apply to the row (no references, no faces, no world) is NaN. The
 `variant` column says which prompt made the image: "multimodal" (the entry's prompt) or
 "text_only" (the ablation, images removed).
@@ -15,7 +18,8 @@ a metric that does not apply to the row (no references, no faces, no world) is N
 Per suite (and aggregated), the multimodal rows give the metrics under their own names and the
 ablation rows the same ones with a `_text_only` suffix (clip_i_text_only, images_text_only,
 ...), except CLIP-T: `clip_t_text_only` already names MUMU's CLIP-T on the suite's text-only
-entries (against SDXL's), so the ablation's CLIP-T stays in the rows only. A world's binomial
+entries (against SDXL's), so the ablation's CLIP-T stays in the rows only. The binding judge's
+rates are pooled over slots (`all_bound` over images), and they and a world's binomial
 rates come with their 95% Wilson interval (`<rate>_ci_low`, `<rate>_ci_high`), counting images
 (or objects) as independent trials: exact for one seed per entry, optimistic for several, and
 its chance levels with them.
@@ -34,6 +38,7 @@ import pandas as pd
 
 from mumu_model.data.detection import Detector
 
+from .binding import BINDING_MEANS, BINDING_RATES, BindingJudge, slot_problem
 from .faces import FaceEmbedder, face_similarity, load_face_embedder
 from .metrics import ClipEmbedder, DinoEmbedder, clip_i, clip_t, dino_score, multimodal_clip_score, wilson_interval
 from .suites import EntryError, prompt_words
@@ -46,7 +51,7 @@ if TYPE_CHECKING:
 MEAN_METRICS = ("clip_t", "clip_i", "dino", "pickscore", "mm_clip", "face_sim", "face_dist", "sdxl_clip_t")
 # A world's binomial rates come with a 95% Wilson interval (`{name}_ci_low`, `{name}_ci_high`).
 CI_SUFFIXES = ("_ci_low", "_ci_high")
-COUNT_METRICS = ("mm_objects", "mm_found", "face_total", "face_found")
+COUNT_METRICS = ("mm_objects", "mm_found", "face_total", "face_found", "n_slots")
 
 # The `variant` of a row: the entry's own prompt, or the text-only ablation of it.
 MULTIMODAL = "multimodal"
@@ -188,6 +193,17 @@ def score_entry(item: Generated, scorers: Scorers, world: World | None, errors: 
         put("mm_clip", [s.score for s in scores])
         put("mm_objects", [len(s.objects) for s in scores])
         put("mm_found", [s.found for s in scores])
+    if scorers.detector is not None and len(entry.objects) >= 2:
+        # The binding judge: which reference ended up in which slot (`eval.binding`).
+        embedders = [e for e in (scorers.dino, scorers.clip) if e is not None]
+        problem = slot_problem(entry.objects)
+        if problem:
+            errors.append(EntryError(entry.suite, entry.id, f"binding: {problem}"))
+        else:
+            judge = BindingJudge(scorers.detector, embedders, face=scorers.face)
+            judgements = judge.judge(images, entry.objects, keys=keys)
+            for row, judgement in zip(rows, judgements):
+                row.update(judgement.row())
     if scorers.face is not None:
         references = []
         for index, face_image in enumerate(entry.faces):
@@ -233,7 +249,7 @@ def _variant_metrics(rows: pd.DataFrame, world: World | None) -> dict[str, float
     """Means over images (NaN left out), counts summed, found rates, a world's rates with their
     intervals."""
     metrics: dict[str, float] = {"images": float(len(rows))}
-    for name in (*MEAN_METRICS, *(world.means if world is not None else ())):
+    for name in (*MEAN_METRICS, *BINDING_MEANS, *(world.means if world is not None else ())):
         if name in rows and rows[name].notna().any():
             metrics[name] = float(rows[name].mean())
     for name in COUNT_METRICS:
@@ -245,16 +261,27 @@ def _variant_metrics(rows: pd.DataFrame, world: World | None) -> dict[str, float
         metrics["face_found_rate"] = metrics["face_found"] / metrics["face_total"]
     for name, per in (world.rates.items() if world is not None else ()):
         if name in metrics:
-            scored = rows[rows[name].notna()]
-            trials = scored["n_objects"] if per == "object" else pd.Series(1, index=scored.index)
-            low, high = wilson_interval(float((scored[name] * trials).sum()), int(trials.sum()))
+            _, low, high = _pooled_rate(rows, name, "n_objects" if per == "object" else None)
             metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = low, high
+    # The binding rates, of the judge or of a world reporting the same names: pooled over slots.
+    for name, trials in BINDING_RATES.items():
+        if name in rows and rows[name].notna().any():
+            metrics[name], metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = _pooled_rate(rows, name, trials)
     # Text adherence: MUMU's CLIP-T against SDXL's on the same text-only prompts and seeds.
     if "sdxl_clip_t" in metrics:
         paired = rows[rows["sdxl_clip_t"].notna()]
         metrics["clip_t_text_only"] = float(paired["clip_t"].mean())
         metrics["clip_t_vs_sdxl"] = metrics["clip_t_text_only"] - metrics["sdxl_clip_t"]
     return metrics
+
+
+def _pooled_rate(rows: pd.DataFrame, name: str, trials: str | None) -> tuple[float, float, float]:
+    """(rate, 95% Wilson low, high) of a row share `name` over the trials of column `trials`
+    (one per row when None), rows where it is NaN left out."""
+    scored = rows[rows[name].notna()]
+    counts = scored[trials] if trials is not None else pd.Series(1, index=scored.index)
+    hits, total = float((scored[name] * counts).sum()), int(counts.sum())
+    return (hits / total if total else math.nan, *wilson_interval(hits, total))
 
 
 def aggregate(suites: dict[str, dict[str, float]], rows: pd.DataFrame) -> dict[str, float]:

@@ -24,6 +24,10 @@ out, so only the conditioning crop can supply it):
 `colour` and `shape` must be names of the world (`eval.worlds`); the world's model-free metrics
 score the entries that name them.
 
+An entry with two or more objects is judged for slot binding (`eval.binding`): its objects are
+the prompt's slots, so each object's image must be one of the prompt's `<img:...>` images (else
+the entry is an `EntryError`).
+
 Loading is in two steps so that bad input costs one entry, not the run:
 - `load_suite(path)` reads the file. A problem with the file itself (not YAML, no version, no
   entries) raises `SuiteError`; a malformed entry becomes an `EntryError` in `suite.errors`.
@@ -240,7 +244,7 @@ def _parse_entry(item: object, world: World | None) -> SuiteEntry:
     if text is not None and not isinstance(text, str):
         raise ValueError("'text' must be a string")
     objects = tuple(_parse_object(o, i, world) for i, o in enumerate(_list(item, "objects")))
-    return SuiteEntry(
+    entry = SuiteEntry(
         id=str(entry_id),
         prompt=prompt,
         text=text,
@@ -248,6 +252,14 @@ def _parse_entry(item: object, world: World | None) -> SuiteEntry:
         references=tuple(_strings(item, "references")),
         faces=tuple(_strings(item, "faces")),
     )
+    if len(objects) >= 2:
+        # Several objects are the prompt's slots, judged for binding: each must be one of its images.
+        slots = entry_prompt_images(entry)
+        for index, obj in enumerate(objects):
+            if obj.image not in slots:
+                raise ValueError(f"objects[{index}] image {obj.image!r} is not one of the prompt's "
+                                 f"{len(slots)} image slots ({', '.join(slots) or 'none'})")
+    return entry
 
 
 def _list(item: dict, key: str) -> list:

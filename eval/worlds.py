@@ -16,6 +16,10 @@ entry points (pyproject.toml), so this package imports none of them. A world pro
 - `chance(metrics) -> dict`: the chance levels of the rates a suite's metrics hold;
 - `headline(metrics) -> str`: a suite's figures in one line ("" when none apply).
 
+A world may also put the slot-binding judge's columns in `score`'s row, under the names of
+`eval.binding` (`n_slots`, `slot_bound`, `all_bound`, ...): `eval.scoring` summarizes them
+wherever they come from, so they need not be in `means` or `rates`.
+
 The suite metrics `chance` and `headline` read are named as `eval.scoring` names them: each
 rate with its 95% Wilson interval (`<rate>_ci_low`, `<rate>_ci_high`) and, for the text-only
 ablation, every metric again with a `_text_only` suffix.

@@ -117,7 +117,7 @@ def evaluation(
     for name, value in result.aggregate.items():
         if isinstance(value, (int, float)):
             metadata[f"aggregate/{name}"] = dg.MetadataValue.float(float(value))
-    if result.headlines:  # the figures of the suites' worlds, each rate with its 95% interval
+    if result.headlines:  # the suites' world and binding figures, each rate with its 95% interval
         metadata["headline"] = dg.MetadataValue.text("; ".join(f"{s}: {line}" for s, line in result.headlines.items()))
         for suite in result.headlines:  # and every rate of those suites with its interval and ablation
             metrics = result.suites[suite]

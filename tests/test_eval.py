@@ -258,6 +258,8 @@ def test_evaluate_end_to_end_on_a_tiny_pipeline(tiny_pipeline_dir, eval_models, 
     for name in ("clip_t", "clip_i", "dino", "pickscore", "mm_clip"):
         assert good[name].notna().all(), name
     assert (good.mm_objects == 2).all() and (good.mm_found <= 2).all()
+    # The binding judge on GroundingDINO's boxes: each slot bound, leaked or missing.
+    assert (good.n_slots == 2).all() and np.allclose(good.slot_bound + good.slot_leaked + good.slot_missing, 1.0)
     plain = rows[rows.entry == "plain_text"]
     assert plain.text_only.all() and plain.sdxl_clip_t.notna().all() and plain.clip_i.isna().all()
     assert plain.mm_clip.isna().all()  # no objects: the metric does not apply

@@ -223,3 +223,35 @@ def test_out_dir_is_untouched_when_training_fails(tmp_path, pairs, kind):
         train_toy_clip(list(images), list(texts), out, steps=1, batch_size=8)
     assert not (out / "old.txt").exists() and (out / "config.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_the_trained_toy_clip_embeds_for_the_binding_judge(clip_run, pairs):
+    """The open slot-binding judge with the toy world's own trained CLIP as its embedding: a
+    red square and a blue circle pasted in their slots are bound, swapped they leak, and the
+    square pasted twice leaves the circle's slot leaked and the square duplicated."""
+    from eval.binding import BindingJudge
+    from mumu_model.data.detection import AnnotationsDetector
+
+    out, _ = clip_run
+    square, circle = pairs[0][0], pairs[7][0]  # renders of "a red square" and "a blue circle"
+    assert "red square" in pairs[0][1] and "blue circle" in pairs[7][1]
+    left, right = (0, 0, 32, 32), (40, 0, 72, 32)
+
+    def canvas(*pastes):
+        image = Image.new("RGB", (72, 32), (128, 128, 128))
+        for picture, box in pastes:
+            image.paste(picture, box[:2])
+        return image
+
+    cases = {
+        "placed": (canvas((square, left), (circle, right)), [("square", left), ("circle", right)]),
+        "swapped": (canvas((circle, left), (square, right)), [("square", left), ("circle", right)]),
+        "twice": (canvas((square, left), (square, right)), [("square", left), ("circle", right)]),
+    }
+    judge = BindingJudge(AnnotationsDetector({k: boxes for k, (_, boxes) in cases.items()}),
+                         [ClipEmbedder(str(out), str(out))])
+    judged = judge.judge([image for image, _ in cases.values()], [(square, "square"), (circle, "circle")],
+                         keys=list(cases))
+    outcomes = {key: [s.outcome.split("+")[0] for s in j.slots] for key, j in zip(cases, judged)}
+    assert outcomes == {"placed": ["bound", "bound"], "swapped": ["leaked", "leaked"], "twice": ["bound", "leaked"]}
+    assert judged[2].row()["slot_duplicated"] == 0.5

@@ -17,6 +17,15 @@ expected (colour, shape) object matched one-to-one to a detected object (`shapes
 colour first): `obj_colour` and `obj_shape` are the shares of objects right in colour and in
 shape, `all_colours` and `all_objects` whether every object is, `count_match` whether as many
 objects were detected as asked for. Shape chance is 1 / len(SHAPES).
+
+Slot binding, where two or more objects each name a colour and a shape: the names the
+evaluation's binding judge (`eval.binding`) reports on real outputs, read from the object probe
+(`slot_binding`), so one vocabulary serves the laptop and the GPU. The shape plays the phrase:
+each slot (one per object) takes a detected object of its shape, and is `bound` when that
+object has its crop's colour, `leaked` when it has another slot's colour instead, `missing`
+when no object of its shape was left for it; `duplicated` when two or more detected objects
+have its colour and shape. A slot found in a colour of no slot is neither bound nor leaked
+(the judge on real outputs has no such case). Copy-paste does not apply to flat renders.
 """
 
 from __future__ import annotations
@@ -26,7 +35,9 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image
+from scipy.optimize import linear_sum_assignment
 
 from ..images import to_rgb
 from .shapes import MatchResult, ShapeTemplates, match_objects, nearest_colour
@@ -79,6 +90,41 @@ def objects_found(result: MatchResult) -> str:
     return ",".join(f"{nearest_colour(d.colour, PALETTE)} {d.shape}" for d in result.detected)
 
 
+def slot_binding(result: MatchResult, objects: Sequence[tuple[str, str]]) -> dict[str, float | int | str]:
+    """The binding columns of one output (names as `eval.binding`) for the expected (palette
+    colour, shape) `objects`, two or more, from the objects the object probe detected.
+
+    As the judge's detector finds a slot's phrase, a slot takes a detected object of its shape
+    (one each, nearest colours first); its colour then says bound, leaked or neither.
+    """
+    if len(objects) < 2:
+        raise ValueError(f"slot binding needs two or more objects, got {len(objects)}")
+    found = [(nearest_colour(d.colour, PALETTE), d.shape) for d in result.detected]
+    distance = np.array([[np.linalg.norm(np.subtract(PALETTE[colour], d.colour, dtype=float)) if d.shape == shape
+                          else np.inf for d in result.detected] for colour, shape in objects]).reshape(len(objects), -1)
+    rows, cols = linear_sum_assignment(np.where(np.isfinite(distance), distance, 1e9)) if found else ([], [])
+    assigned = {int(r): int(c) for r, c in zip(rows, cols) if np.isfinite(distance[r, c])}
+    outcomes, duplicated = [], []
+    for index, (colour, shape) in enumerate(objects):
+        others = {c for i, (c, _) in enumerate(objects) if i != index and c != colour}
+        j = assigned.get(index)
+        if j is None:
+            outcomes.append("missing")
+        elif found[j][0] == colour:
+            outcomes.append("bound")
+        elif found[j][0] in others:
+            outcomes.append("leaked")
+        else:
+            outcomes.append("wrong")
+        duplicated.append(found.count((colour, shape)) >= 2)
+    n = len(objects)
+    return {"n_slots": n, "slot_bound": outcomes.count("bound") / n, "all_bound": float(outcomes.count("bound") == n),
+            "slot_leaked": outcomes.count("leaked") / n, "slot_missing": outcomes.count("missing") / n,
+            "slot_duplicated": sum(duplicated) / n,
+            "slot_outcomes": ", ".join(f"{shape}:{outcome}" + ("+duplicated" if twice else "")
+                                       for (_, shape), outcome, twice in zip(objects, outcomes, duplicated))}
+
+
 def shape_chance() -> float:
     """The object probe's chance level for one object's shape: one shape in len(SHAPES)."""
     return 1.0 / len(SHAPES)
@@ -109,6 +155,8 @@ class ToyWorld:
             row.update(obj_colour=found.colour_accuracy, obj_shape=found.shape_accuracy,
                        all_colours=float(found.all_colours), all_objects=float(found.all_right),
                        count_match=float(found.count_right), objects_found=objects_found(found))
+            if len(objects) >= 2:
+                row.update(slot_binding(found, objects))
         return row
 
     def chance(self, metrics: Mapping[str, float]) -> dict[str, float]:
