@@ -3,6 +3,8 @@ with crops at several token counts (the paper's Finding 1), on the test suites.
 
     .venv/bin/python bench/toy_recipe.py seeds [--seeds 0 1 2]
     .venv/bin/python bench/toy_recipe.py tokens [--tokens 4 16 64]
+    .venv/bin/python bench/toy_recipe.py ablation [--rows norm-off norm ...] [--seeds 0 1]
+    .venv/bin/python bench/toy_recipe.py attribution runs/evaluation [runs/bench/*/evaluation ...]
 
 Both train stage 1 and stage 2 from the main job's configs (`params.yaml` -> `training`) on the
 data the graph made (`make demo` first: data/captions/), each run in its own folder under
@@ -18,7 +20,17 @@ data the graph made (`make demo` first: data/captions/), each run in its own fol
   (a short timing run per stage), and a stage whose step is slower than the recipe's trains
   proportionally fewer steps, so that no configuration gets more wall time than the recipe.
 
-Writes bench/results/toy_seeds.json or toy_tokens.json (atomically) and prints a table.
+- `ablation`: named changes to the recipe (`ABLATIONS`), each at every seed, scored on the
+  **validation** suites, both after stage 1 (the "stage 1 only" row of each change) and after
+  stage 2. A run's figures are kept in its folder (runs/bench/ablation-<row>-seed<s>/result.json),
+  so an interrupted sweep resumes, and two sweeps over different rows may run at once; the
+  table gathers every finished run.
+
+- `attribution`: of the two-object rows of finished evaluations (their rows.csv), how often the
+  output holds both crops' colours, only the first crop's, only the second's, or neither: where
+  the colour of a one-blob output comes from.
+
+Writes bench/results/toy_<command>.json (atomically) and prints a table.
 """
 
 from __future__ import annotations
@@ -79,11 +91,12 @@ def _seconds_per_step(log: Path) -> float:
     return batch[-1] / statistics.median(rates[1:] or rates)
 
 
-def _evaluate(pipeline: Path, out: Path) -> dict[str, dict[str, float]]:
+def _evaluate(pipeline: Path, out: Path, suites: list[Path] | None = None) -> dict[str, dict[str, float]]:
     from eval.run import evaluate
 
     e = _params()["evaluation"]
-    result = evaluate(pipeline, [REPO / s for s in e["suites"]], steps=e["steps"], guidance=e["guidance"],
+    suites = suites or [REPO / s for s in e["suites"]]
+    result = evaluate(pipeline, suites, steps=e["steps"], guidance=e["guidance"],
                       seeds=e["seeds"], out_dir=out, mlflow_run=False, text_only_ablation=e["text_only_ablation"],
                       batch_size=e["batch_size"], device="cpu")
     if result.errors:
@@ -91,21 +104,32 @@ def _evaluate(pipeline: Path, out: Path) -> dict[str, dict[str, float]]:
     return result.suites
 
 
-def _run(name: str, stage1: dict, stage2: dict) -> dict:
-    """Train both stages with these overrides and evaluate; the run's figures."""
+def _run(name: str, stage1: dict, stage2: dict | None, suites: list[Path] | None = None,
+         evaluate_stage1: bool = False, stage1_from: Path | None = None) -> dict:
+    """Train both stages (stage 2 None: stage 1 only) with these overrides and evaluate; the run's
+    figures. `stage1_from`: a finished run folder whose stage 1 had these very overrides, used
+    instead of training the same stage 1 again (training is deterministic per seed)."""
     p = _params()["training"]
     folder = REPO / "runs" / "bench" / name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     log = folder / "train.log"
-    seconds1 = _train(p["stage1_config"], folder / "stage1", stage1, log)
-    seconds2 = _train(p["stage2_config"], folder / "stage2", {"init_from": folder / "stage1", **stage2}, log)
+    first = stage1_from / "stage1" if stage1_from is not None else folder / "stage1"
+    write_bytes_atomic(folder / "stage1.json", json.dumps(stage1).encode())
+    seconds = [0.0] if stage1_from is not None else [_train(p["stage1_config"], first, stage1, log)]
+    if stage2 is not None:
+        seconds.append(_train(p["stage2_config"], folder / "stage2", {"init_from": first, **stage2}, log))
     started = time.perf_counter()
-    suites = _evaluate(folder / "stage2" / "pipeline", folder / "evaluation")
-    print(f"{name}: trained in {seconds1:.0f} + {seconds2:.0f} s, evaluated in {time.perf_counter() - started:.0f} s",
-          flush=True)
-    return {"train_seconds": [round(seconds1, 1), round(seconds2, 1)], "stage1": stage1,
-            "stage2": {k: str(v) for k, v in stage2.items()}, "suites": suites}
+    last = folder / "stage2" if stage2 is not None else first
+    figures = {"train_seconds": [round(t, 1) for t in seconds], "stage1": stage1,
+               "stage2": None if stage2 is None else {k: str(v) for k, v in stage2.items()},
+               "stage1_from": None if stage1_from is None else str(stage1_from),
+               "suites": _evaluate(last / "pipeline", folder / "evaluation", suites)}
+    if evaluate_stage1 and stage2 is not None and stage1_from is None:
+        figures["stage1_suites"] = _evaluate(first / "pipeline", folder / "evaluation-stage1", suites)
+    print(f"{name}: trained in {' + '.join(f'{t:.0f}' for t in seconds)} s, "
+          f"evaluated in {time.perf_counter() - started:.0f} s", flush=True)
+    return figures
 
 
 def _figure(suites: dict, kind: str, metric: str) -> float | None:
@@ -206,6 +230,100 @@ def tokens(args: argparse.Namespace) -> dict:
     return {"recipe": recipe, "seconds_per_step": per_step, "runs": runs}
 
 
+VALIDATION = ["eval/suites/toy/validation/val_one.yaml", "eval/suites/toy/validation/val_two.yaml",
+              "eval/suites/toy/validation/val_three.yaml", "eval/suites/toy/validation/val_outside.yaml"]
+# Each change: (stage-1 overrides, stage-2 overrides or None for no stage 2), on top of the
+# recipe's configs. The image-token norm is on in the recipe; the first row turns it off.
+ABLATIONS: dict[str, tuple[dict, dict | None]] = {
+    "norm-off": ({"model_overrides.image_token_norm": "false"}, {}),
+    "norm": ({}, {}),
+    "norm+pooled-text": ({"model_overrides.adapter_pooled": "text"}, {}),
+    "norm+rope": ({"model_overrides.adapter_positions": "rope"}, {}),
+    # Stage 2 on one-object records and, as often, records of 2-3 crops (the doc's 50/50 mixture).
+    "norm+mixed-stage2": ({}, {"shards": "data/captions/stage2,data/captions/stage1", "shard_weights": "2.0,0.17",
+                               "max_images": 4}),
+    "norm+unet-attention": ({"model_overrides.unet_first_block_attention": "true",
+                             "model_overrides.unet_cross_attention_dim": 128}, {}),
+}
+# What an ablation row shows, per validation suite: (suite kind, metric).
+ABLATION_COLUMNS = [("one", "colour_match"), ("one", "obj_shape"), ("two", "all_colours"), ("two", "count_match"),
+                    ("two", "obj_colour"), ("three", "all_colours"), ("outside", "colour_match"),
+                    ("one", "colour_match_text_only")]
+
+
+def ablation(args: argparse.Namespace) -> dict:
+    suites = [REPO / s for s in VALIDATION]
+    for row in args.rows:
+        if row not in ABLATIONS:
+            raise SystemExit(f"unknown ablation row {row!r}; rows are {sorted(ABLATIONS)}")
+        stage1, stage2 = ABLATIONS[row]
+        for seed in args.seeds:
+            name = f"ablation-{row}-seed{seed}"
+            done = REPO / "runs" / "bench" / name / "result.json"
+            if done.is_file():
+                continue
+            # A run whose stage 1 had the same overrides and is finished lends it (a row that
+            # changes stage 2 only), even while that run's stage 2 still trains.
+            same = [path.parent for path in (REPO / "runs" / "bench").glob("ablation-*/stage1.json")
+                    if json.loads(path.read_text()) == {**stage1, "seed": seed}
+                    and (path.parent / "stage1" / "pipeline" / "model_index.json").is_file()]
+            run = _run(name, {**stage1, "seed": seed}, None if stage2 is None else {**stage2, "seed": seed},
+                       suites, evaluate_stage1=True, stage1_from=same[0] if same else None)
+            write_bytes_atomic(done, json.dumps({"row": row, "seed": seed, **run}, indent=2, default=str).encode())
+    # Every finished run, whichever sweep made it: (row, stage) -> {seed: suites}.
+    finished: dict[str, dict[int, dict]] = {}
+    for path in sorted((REPO / "runs" / "bench").glob("ablation-*/result.json")):
+        run = json.loads(path.read_text())
+        finished.setdefault(run["row"], {})[run["seed"]] = run["suites"]
+        if "stage1_suites" in run:
+            finished.setdefault(f"{run['row']}, stage 1 only", {})[run["seed"]] = run["stage1_suites"]
+    rows = {}
+    for row, by_seed in finished.items():
+        cells = {}
+        for kind, metric in ABLATION_COLUMNS:
+            values = [v for v in (_figure(s, kind, metric) for s in by_seed.values()) if v is not None]
+            if values:
+                cells[f"{kind}/{metric}"] = _spread(values)
+        rows[row] = {"seeds": sorted(by_seed), "figures": cells}
+    header = "| change | seeds | " + " | ".join(f"{k} {m}" for k, m in ABLATION_COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (len(ABLATION_COLUMNS) + 2)]
+    for row, r in rows.items():
+        cells = [r["figures"].get(f"{k}/{m}") for k, m in ABLATION_COLUMNS]
+        lines.append(f"| {row} | {len(r['seeds'])} | " + " | ".join(
+            "-" if c is None else f"{c['mean']:.1%} ± {c['std']:.1%}" for c in cells) + " |")
+    print("\n".join(lines))
+    return {"suites": VALIDATION, "rows": rows}
+
+
+def attribution(args: argparse.Namespace) -> dict:
+    import pandas as pd
+
+    from eval.suites import load_suite
+
+    colours = {}  # (suite name, entry id) -> the crops' colours, in prompt order
+    for path in sorted((REPO / "eval" / "suites" / "toy").rglob("*.yaml")):
+        suite = load_suite(path)
+        colours.update({(suite.name, e.id): [o.colour for o in e.objects] for e in suite.entries})
+    table = {}
+    for folder in args.evaluations:
+        rows = pd.read_csv(Path(folder) / "rows.csv")
+        rows = rows[(rows["variant"] == "multimodal") & rows["suite"].str.endswith("_two")]
+        counts = {"both": 0, "first only": 0, "second only": 0, "neither": 0}
+        for row in rows.itertuples():
+            first, second = colours[(row.suite, row.entry)]
+            drawn = {item.strip().split(" ")[0] for item in str(row.objects_found).split(",") if item.strip()}
+            has_first, has_second = first in drawn, second in drawn
+            key = "both" if has_first and has_second else "first only" if has_first else (
+                "second only" if has_second else "neither")
+            counts[key] += 1
+        table[str(folder)] = {"rows": len(rows), **{k: v / max(len(rows), 1) for k, v in counts.items()}}
+    print("| evaluation | two-object rows | both crops' colours | first crop's only | second crop's only | neither |")
+    print("|---|---|---|---|---|---|")
+    for folder, r in table.items():
+        print(f"| {folder} | {r['rows']} | {r['both']:.1%} | {r['first only']:.1%} | {r['second only']:.1%} | {r['neither']:.1%} |")
+    return {"evaluations": table}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -215,12 +333,17 @@ def main() -> int:
                               help="the first seed is the main job's: evaluate runs/stage2/pipeline instead of training it")
     tokens_parser = commands.add_parser("tokens", help="crops at several token counts, same compute")
     tokens_parser.add_argument("--tokens", type=int, nargs="+", default=[4, 16, 64])
+    ablation_parser = commands.add_parser("ablation", help="changes to the recipe on the validation suites")
+    ablation_parser.add_argument("--rows", nargs="*", default=list(ABLATIONS), help=f"of {sorted(ABLATIONS)}")
+    ablation_parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    attribution_parser = commands.add_parser("attribution", help="whose colour the two-object outputs drew")
+    attribution_parser.add_argument("evaluations", nargs="+", help="evaluation folders (with rows.csv)")
     parser.add_argument("--out", type=Path, default=None, help="default bench/results/toy_<command>.json")
     args = parser.parse_args()
-    if not any((REPO / "data" / "captions" / "stage1").glob("*.tar")):
+    if args.command != "attribution" and not any((REPO / "data" / "captions" / "stage1").glob("*.tar")):
         raise SystemExit("no training data in data/captions/stage1: run `make demo` (the main job) first")
     started = time.perf_counter()
-    figures = seeds(args) if args.command == "seeds" else tokens(args)
+    figures = {"seeds": seeds, "tokens": tokens, "ablation": ablation, "attribution": attribution}[args.command](args)
     document = {"benchmark": f"toy_{args.command}", **figures, "seconds": round(time.perf_counter() - started),
                 "environment": _environment()}
     out = args.out or REPO / "bench" / "results" / f"toy_{args.command}.json"
