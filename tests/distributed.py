@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -29,3 +31,12 @@ def run_two(driver: Path, *args: str, timeout: float) -> tuple[int, str]:
     finally:
         process.kill()
     return process.returncode, output
+
+
+def driver_files(tmp_path: Path, config, source: str, name: str = "train") -> tuple[Path, Path]:
+    """`config` as a YAML file and a driver script `source` beside it, for a run in other processes."""
+    config_file = tmp_path / f"{name}.yaml"
+    config_file.write_text(yaml.safe_dump(config.to_dict()))
+    driver = tmp_path / "driver.py"
+    driver.write_text(source)
+    return config_file, driver

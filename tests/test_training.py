@@ -25,6 +25,8 @@ from mumu_model.training.checkpoint import CheckpointManager, load_full
 from mumu_model.training.config import TrainConfig, load_train_config
 from mumu_model.training.trainer import Trainer, TrainingDiverged
 
+from .distributed import driver_files
+
 REPO = Path(__file__).resolve().parents[1]
 COLORS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (220, 220, 30)]
 
@@ -280,10 +282,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_for_a_requeue(tmp_path,
     reference = Trainer(tiny(tmp_path / "ref", shard, **fields)).train()
 
     preempted = tiny(tmp_path / "preempted", shard, **fields)
-    config_file = tmp_path / "preempted.yaml"
-    config_file.write_text(yaml.safe_dump(preempted.to_dict()))
-    driver = tmp_path / "driver.py"
-    driver.write_text(SIGTERM_DRIVER)
+    config_file, driver = driver_files(tmp_path, preempted, SIGTERM_DRIVER, "preempted")
     step = random.Random(os.getpid()).randint(1, 5)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, str(driver), str(config_file), str(step)], cwd=REPO, env=env,

@@ -25,7 +25,7 @@ from mumu_model.data.shards import write_shard
 from mumu_model.training.checkpoint import CheckpointManager, load_full
 from mumu_model.training.trainer import DataChanged, Trainer
 
-from .distributed import run_two, torchrun_two
+from .distributed import driver_files, run_two, torchrun_two
 from .test_training import FULL, records, tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,10 +131,7 @@ if __name__ == "__main__":  # data workers start in fresh processes that import 
 def test_other_ranks_leave_while_rank_0_exports_past_the_timeout(tmp_path):
     shard = write_data(tmp_path / "data")
     config = tiny(tmp_path, shard, max_steps=2, dist_timeout_s=8, data_workers=2, **FULL)  # worker processes too
-    config_file = tmp_path / "train.yaml"
-    config_file.write_text(yaml.safe_dump(config.to_dict()))
-    driver = tmp_path / "driver.py"
-    driver.write_text(SLOW_EXPORT)
+    config_file, driver = driver_files(tmp_path, config, SLOW_EXPORT)
     code, output = run_two(driver, config_file, "16", timeout=280)
     assert code == 0, output[-5000:]
     assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()
@@ -162,10 +159,7 @@ if __name__ == "__main__":
 def test_other_ranks_wait_for_rank_0s_data_hash_past_the_timeout(tmp_path):
     shard = write_data(tmp_path / "data")
     config = tiny(tmp_path, shard, max_steps=1, dist_timeout_s=8, **FULL)  # no data_version: rank 0 hashes
-    config_file = tmp_path / "train.yaml"
-    config_file.write_text(yaml.safe_dump(config.to_dict()))
-    driver = tmp_path / "driver.py"
-    driver.write_text(SLOW_HASH)
+    config_file, driver = driver_files(tmp_path, config, SLOW_HASH)
     code, output = run_two(driver, config_file, "16", timeout=280)
     assert code == 0, output[-5000:]
     assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()
@@ -179,10 +173,8 @@ def test_two_process_checkpoint_resumes_on_one_process(tmp_path):
     reference = Trainer(tiny(tmp_path / "ref", shard, **fields)).train()  # 1 process, 2 micro-batches a step
 
     killed = tiny(tmp_path / "killed", shard, **fields)
-    config_file = tmp_path / "killed.yaml"
-    config_file.write_text(yaml.safe_dump(killed.to_dict()))
-    driver = tmp_path / "driver.py"
-    driver.write_text("import sys\nfrom mumu_model.training.trainer import run\nrun(sys.argv[1], [])\n")
+    run_config = "import sys\nfrom mumu_model.training.trainer import run\nrun(sys.argv[1], [])\n"
+    config_file, driver = driver_files(tmp_path, killed, run_config, "killed")
     process = torchrun_two(driver, config_file, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     runs = Path(killed.output_dir) / "runs"
     deadline = time.monotonic() + 240
@@ -434,10 +426,7 @@ def test_sigterm_on_one_rank_stops_every_rank_after_the_step_with_a_checkpoint(t
     reference = Trainer(tiny(tmp_path / "ref", shard, **fields)).train()
 
     preempted = tiny(tmp_path / "preempted", shard, **fields)
-    config_file = tmp_path / "preempted.yaml"
-    config_file.write_text(yaml.safe_dump(preempted.to_dict()))
-    driver = tmp_path / "driver.py"
-    driver.write_text(SIGTERM_ONE_RANK)
+    config_file, driver = driver_files(tmp_path, preempted, SIGTERM_ONE_RANK, "preempted")
     step = random.Random(os.getpid()).randint(1, 4)
     code, output = run_two(driver, config_file, str(step), timeout=280)
     assert code != 0 and output.count("mumu: preempted: SIGTERM: stopped after step") == 2, output[-4000:]
