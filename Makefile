@@ -40,7 +40,7 @@ demo: $(STAMP)
 # process, subprocesses included: two processes of two threads each on two cores wait on each
 # other's threads (a 30x slowdown was seen).
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python bench/pipeline_overhead.py

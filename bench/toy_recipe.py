@@ -234,16 +234,23 @@ VALIDATION = ["eval/suites/toy/validation/val_one.yaml", "eval/suites/toy/valida
               "eval/suites/toy/validation/val_three.yaml", "eval/suites/toy/validation/val_outside.yaml"]
 # Each change: (stage-1 overrides, stage-2 overrides or None for no stage 2), on top of the
 # recipe's configs. The image-token norm is on in the recipe; the first row turns it off.
+MIXED_STAGE2 = {"shards": "data/captions/stage2,data/captions/stage1", "shard_weights": "2.0,0.17", "max_images": 4}
 ABLATIONS: dict[str, tuple[dict, dict | None]] = {
     "norm-off": ({"model_overrides.image_token_norm": "false"}, {}),
     "norm": ({}, {}),
     "norm+pooled-text": ({"model_overrides.adapter_pooled": "text"}, {}),
     "norm+rope": ({"model_overrides.adapter_positions": "rope"}, {}),
     # Stage 2 on one-object records and, as often, records of 2-3 crops (the doc's 50/50 mixture).
-    "norm+mixed-stage2": ({}, {"shards": "data/captions/stage2,data/captions/stage1", "shard_weights": "2.0,0.17",
-                               "max_images": 4}),
+    "norm+mixed-stage2": ({}, MIXED_STAGE2),
     "norm+unet-attention": ({"model_overrides.unet_first_block_attention": "true",
                              "model_overrides.unet_cross_attention_dim": 128}, {}),
+    # Stage 2 with 70% one-object records and 30% records of 2-3 crops.
+    "norm+mixed-stage2-70": ({}, {**MIXED_STAGE2, "shard_weights": "2.0,0.073"}),
+    # One stage on the 50/50 mixture, as many steps as the two stages together, with stage 2's
+    # augmentations; crops at stage 1's 4 tokens.
+    "one-stage-mixture": ({"shards": "data/captions/stage1,data/captions/stage2", "shard_weights": "0.17,2.0",
+                           "max_steps": 1800, "augment_probability": 0.5,
+                           "augmentations": "margin,scale,jitter,crop,flip"}, None),
 }
 # What an ablation row shows, per validation suite: (suite kind, metric).
 ABLATION_COLUMNS = [("one", "colour_match"), ("one", "obj_shape"), ("two", "all_colours"), ("two", "count_match"),

@@ -9,6 +9,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
+from eval.targets import check_targets, parse_targets
 from mumu_model.atomic import write_bytes_atomic
 from mumu_model.tracking import DEFAULT_TRACKING_URI
 
@@ -68,9 +69,14 @@ class EvaluationConfig(dg.Config):
     model_name: str = E.get("model_name", f"mumu-{PROFILE}" if PROFILE else "mumu")
     champion_metric: str | None = E.get("champion_metric", None)
     champion_alias: str = E.get("champion_alias", "champion")
+    # 'suite/metric' -> '>= 0.5' or '<= 0.25': what the profile's model is held to. The
+    # `meets_targets` check reports every figure against its target (a warning, never blocking),
+    # and the MLflow run gets the same as `target/<suite>/<metric>` metrics (1 met, 0 not).
+    targets: dict[str, str] = E.get("targets") or {}
 
 
-@dg.asset(group_name="evaluation", deps=[stage1_model, stage2_model, dg.AssetKey("scorer_model")], kinds={"mlflow"})
+@dg.asset(group_name="evaluation", deps=[stage1_model, stage2_model, dg.AssetKey("scorer_model")], kinds={"mlflow"},
+          check_specs=[dg.AssetCheckSpec("meets_targets", asset="evaluation")])
 def evaluation(
     context: dg.AssetExecutionContext, config: EvaluationConfig, storage: DatasetStorage,
     eval_models: EvalModelsResource,
@@ -84,6 +90,7 @@ def evaluation(
 
     try:  # a bad value fails here, before anything is loaded, naming the config field
         device, dtype = resolve_device_dtype(config.device, config.dtype)
+        parse_targets(config.targets)
     except ValueError as err:
         raise dg.Failure(description=f"evaluation config: {err}") from None
     context.log.info(f"evaluating on {device} in {str(dtype).removeprefix('torch.')}")
@@ -128,7 +135,28 @@ def evaluation(
         metadata["samples"] = dg.MetadataValue.path(str(Path(result.out_dir) / SAMPLES_GRID))
     if config.register_model and result.run_id:
         metadata.update(_register(context, config, result))
-    return dg.MaterializeResult(metadata=metadata)
+    return dg.MaterializeResult(metadata=metadata, check_results=[_targets_check(context, config, result, tracking_uri)])
+
+
+def _targets_check(context, config: EvaluationConfig, result, tracking_uri: str) -> dg.AssetCheckResult:
+    """Every target's figure, met or not, as the check's metadata and as MLflow metrics."""
+    checked = check_targets(result.suites, config.targets)
+    for line in (r.line() for r in checked):
+        context.log.info(f"target: {line}")
+    if result.run_id and checked:
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri)
+        for r in checked:
+            client.log_metric(result.run_id, f"target/{r.name}", float(r.met))
+        client.set_tag(result.run_id, "targets_met", f"{sum(r.met for r in checked)}/{len(checked)}")
+    met = sum(r.met for r in checked)
+    return dg.AssetCheckResult(
+        check_name="meets_targets", passed=met == len(checked), severity=dg.AssetCheckSeverity.WARN,
+        description=f"{met} of {len(checked)} targets met" if checked else "no targets set (evaluation.targets)",
+        metadata={"met": dg.MetadataValue.int(met), "targets": dg.MetadataValue.int(len(checked)),
+                  "figures": dg.MetadataValue.md("\n".join(f"- {r.line()}" for r in checked) or "-")},
+    )
 
 
 def champion_decision(config: EvaluationConfig, aggregate: dict, errors: int,

@@ -43,12 +43,19 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def torchrun_flags(*, nnodes: int, nproc_per_node: int, rdzv_endpoint: str, rdzv_id: str,
-                   rdzv_timeout_s: int, node_rank: str | None = None, rdzv_host: bool | None = None) -> list[str]:
+                   rdzv_timeout_s: int, node_rank: str | None = None, rdzv_host: bool | None = None,
+                   max_restarts: int = 0, shutdown_timeout_s: int = 0) -> list[str]:
     """torchrun's flags: `--standalone` on one node, else a c10d rendezvous at `rdzv_endpoint`
     that gives up after `rdzv_timeout_s` when the other nodes (or the store) never answer.
     `rdzv_host`: whether these agents may host the rendezvous store (None: torchrun decides from
-    the endpoint's address; False: only connect, the store runs elsewhere)."""
+    the endpoint's address; False: only connect, the store runs elsewhere). `max_restarts`: how
+    often torchrun restarts a failed worker group in place (the trainer resumes its checkpoint);
+    `shutdown_timeout_s` (0: torchrun's 30 s): from its SIGTERM to its workers to SIGKILL."""
     flags = [f"--nproc_per_node={nproc_per_node}"]
+    if max_restarts:
+        flags.append(f"--max-restarts={max_restarts}")
+    if shutdown_timeout_s:
+        flags.append(f"--shutdown_timeout={shutdown_timeout_s}")
     if nnodes == 1:
         return [*flags, "--standalone"]
     flags += [f"--nnodes={nnodes}"]
@@ -211,6 +218,11 @@ class SlurmJob(NodesJob):
     partition: str = ""
     account: str = ""
     extra_directives: list[str] = field(default_factory=list)  # e.g. "--exclusive", "--mem=0"
+    # SIGTERM this long before the time limit: the trainer checkpoints its step and stops as
+    # preempted, and the launch is made again instead of the job being killed mid-step.
+    signal_before_limit_s: int = 600
+    max_restarts: int = 0  # torchrun's --max-restarts
+    shutdown_timeout_s: int = 0  # torchrun's --shutdown_timeout
 
 
 def slurm_script(job: SlurmJob, *, python: str, program: Sequence[str], env: dict[str, str], cwd: str,
@@ -220,6 +232,8 @@ def slurm_script(job: SlurmJob, *, python: str, program: Sequence[str], env: dic
     `env` (the Pipes variables) is exported explicitly so it does not depend on `--export`."""
     directives = [f"--job-name={job.job_name}", f"--nodes={job.nnodes}", "--ntasks-per-node=1",
                   f"--time={job.time}", f"--output={log_dir}/slurm-%j.out"]
+    if job.signal_before_limit_s:
+        directives.append(f"--signal=TERM@{job.signal_before_limit_s}")
     if job.gpus_per_node:
         directives.append(f"--gpus-per-node={job.gpus_per_node}")
     if job.partition:
@@ -230,6 +244,10 @@ def slurm_script(job: SlurmJob, *, python: str, program: Sequence[str], env: dic
     # Inside the srun step every node expands its own SLURM_NODEID; MUMU_RDZV_HEAD comes from
     # the batch step, which runs on the first node.
     flags = [f"--nproc_per_node={job.nproc_per_node}"]
+    if job.max_restarts:
+        flags.append(f"--max-restarts={job.max_restarts}")
+    if job.shutdown_timeout_s:
+        flags.append(f"--shutdown_timeout={job.shutdown_timeout_s}")
     if job.nnodes == 1:
         flags.append("--standalone")
     else:
@@ -288,6 +306,9 @@ class KubernetesJob(NodesJob):
     gpu_resource: str = "nvidia.com/gpu"
     cpu: str = ""
     memory: str = ""
+    termination_grace_s: int = 900  # time from SIGTERM to SIGKILL: a checkpoint must fit in it
+    max_restarts: int = 0  # torchrun's --max-restarts
+    shutdown_timeout_s: int = 0  # torchrun's --shutdown_timeout
 
 
 def kubernetes_manifests(job: KubernetesJob, *, python: str, program: Sequence[str], env: dict[str, str],
@@ -298,7 +319,8 @@ def kubernetes_manifests(job: KubernetesJob, *, python: str, program: Sequence[s
     head = f"{job.name}-0.{job.name}.{job.namespace}.svc"
     flags = torchrun_flags(nnodes=job.nnodes, nproc_per_node=job.nproc_per_node,
                            rdzv_endpoint=f"{head}:{job.rdzv_port}", rdzv_id=job.rdzv_id,
-                           rdzv_timeout_s=job.rdzv_timeout_s, node_rank="$(JOB_COMPLETION_INDEX)")
+                           rdzv_timeout_s=job.rdzv_timeout_s, node_rank="$(JOB_COMPLETION_INDEX)",
+                           max_restarts=job.max_restarts, shutdown_timeout_s=job.shutdown_timeout_s)
     # Kubernetes expands $(VAR) in a command only for variables the container declares.
     index = {"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {
         "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}}
@@ -339,7 +361,10 @@ def kubernetes_manifests(job: KubernetesJob, *, python: str, program: Sequence[s
             "backoffLimit": 0,
             "template": {
                 "metadata": {"labels": labels},
+                # An eviction or a preemption sends SIGTERM: every rank finishes its step and
+                # writes the checkpoint before the grace period ends, and the launch is made again.
                 "spec": {"subdomain": job.name, "restartPolicy": "Never",
+                         "terminationGracePeriodSeconds": job.termination_grace_s,
                          "containers": [container], "volumes": volumes},
             },
         },

@@ -172,7 +172,8 @@ def materialize(defs, names: list[str], *, instance, partition: str | None = Non
                 materialization = event.step_materialization_data.materialization
                 metadata.update({k: v.value for k, v in materialization.metadata.items()})
             figures = [_seconds(elapsed), *key_figures(metadata)]
-            figures += [f"check {c.check_name} failed ({c.severity.value})" for c in checks if not c.passed]
+            figures += [f"check {c.check_name} failed ({c.severity.value}{': ' + c.description if c.description else ''})"
+                        for c in checks if not c.passed]
             log(f"materialized {name}{where}: {', '.join(figures)}")
     return True
 

@@ -5,6 +5,7 @@ checkpoint paths and final pipeline folder come back as materialization metadata
 # No `from __future__ import annotations`: Dagster reads config and resource types from the
 # live annotations.
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from mumu_model.data.versioning import dvc_hash, dvc_state_dir
+from mumu_model.training.identity import PREEMPTED_FILE, data_version
 
 from .datasets import CAPTIONS
 from .data_assets import multimodal_captions_stage1, multimodal_captions_stage2
@@ -78,6 +79,14 @@ class TrainingCluster(dg.ConfigurableResource):
     rdzv_endpoint: str = ""
     rdzv_id: str = "mumu"
     rdzv_timeout_s: int = 900
+    # Preemption (SIGTERM: every rank checkpoints its step and stops): torchrun restarts a failed
+    # worker group in place up to `max_restarts` times; a preempted launch is made again, resuming,
+    # up to `max_requeues` times.
+    max_restarts: int = 0
+    max_requeues: int = 3
+    # From torchrun's SIGTERM to its workers to SIGKILL (0: torchrun's 30 s): every rank's
+    # checkpoint must be written in it (about 10 GB at paper scale).
+    shutdown_timeout_s: int = 0
     # Whether the local agents may host the rendezvous store: None lets torchrun decide from the
     # endpoint's address; False only connects (a store that runs elsewhere).
     rdzv_host: bool | None = None
@@ -103,7 +112,8 @@ class TrainingCluster(dg.ConfigurableResource):
         """The torchrun command one node runs (every local agent runs the same one)."""
         flags = torchrun_flags(nnodes=self.nnodes, nproc_per_node=self.nproc_per_node,
                                rdzv_endpoint=rdzv_endpoint or self.rdzv_endpoint, rdzv_id=self.rdzv_id,
-                               rdzv_timeout_s=self.rdzv_timeout_s, rdzv_host=self.rdzv_host)
+                               rdzv_timeout_s=self.rdzv_timeout_s, rdzv_host=self.rdzv_host,
+                               max_restarts=self.max_restarts, shutdown_timeout_s=self.shutdown_timeout_s)
         return [self.python or sys.executable, "-m", "torch.distributed.run", *flags,
                 *self.program(config_file, overrides)]
 
@@ -134,7 +144,8 @@ class TrainingCluster(dg.ConfigurableResource):
                            gpus_per_node=self.nproc_per_node if self.gpus_per_node < 0 else self.gpus_per_node,
                            rdzv_port=self._rdzv_port(), rdzv_id=self.rdzv_id, rdzv_timeout_s=self.rdzv_timeout_s,
                            job_name=job_name, time=self.slurm_time, partition=self.slurm_partition,
-                           account=self.slurm_account, extra_directives=list(self.slurm_directives))
+                           account=self.slurm_account, extra_directives=list(self.slurm_directives),
+                           max_restarts=self.max_restarts, shutdown_timeout_s=self.shutdown_timeout_s)
             script = work_dir / "train.sbatch"
             script.write_text(slurm_script(job, python=self.python or sys.executable, program=program,
                                            env=env, cwd=cwd, log_dir=work_dir))
@@ -148,7 +159,8 @@ class TrainingCluster(dg.ConfigurableResource):
         job = KubernetesJob(name=job_name, nnodes=self.nnodes, nproc_per_node=self.nproc_per_node,
                             rdzv_port=self._rdzv_port(), rdzv_id=self.rdzv_id, rdzv_timeout_s=self.rdzv_timeout_s,
                             image=self.k8s_image, namespace=self.k8s_namespace,
-                            volume_claim=self.k8s_volume_claim, mount_path=self.k8s_mount_path)
+                            volume_claim=self.k8s_volume_claim, mount_path=self.k8s_mount_path,
+                            max_restarts=self.max_restarts, shutdown_timeout_s=self.shutdown_timeout_s)
         manifest = work_dir / "train.k8s.yaml"
         manifest.write_text(to_yaml(kubernetes_manifests(job, python=self.python or "python", program=program,
                                                          env=env, cwd=cwd)))
@@ -161,6 +173,9 @@ class TrainingCluster(dg.ConfigurableResource):
 
 class StageConfig(dg.Config):
     config_file: str
+    # The caption datasets (by stage) the stage trains on, in the order of the training config's
+    # `shard_weights`: a stage may mix in another stage's records.
+    captions: list[int]
     overrides: list[str] = []  # extra `field=value` settings of the training config
     output_root: str = T.get("output_root", "runs")
     # Saved with the exported pipeline as its sampling defaults (`MUMUPipeline.sampling_defaults`),
@@ -172,20 +187,34 @@ class StageConfig(dg.Config):
 
 class Stage1Config(StageConfig):
     config_file: str = T.get("stage1_config", "configs/train_stage1_paper.yaml")
+    captions: list[int] = T.get("stage1_captions", [1])
 
 
 class Stage2Config(StageConfig):
     config_file: str = T.get("stage2_config", "configs/train_stage2_paper.yaml")
+    captions: list[int] = T.get("stage2_captions", [2])
 
 
-def data_version_of(shards: Path, output_root: Path) -> tuple[str, float]:
-    """The shards' DVC hash and the seconds it took. Through DVC's state database (the DVC
-    repository's own, else one under `output_root`), so a shard is read only when its inode, size
-    or mtime changed since it was last hashed: at paper size, reading every shard again at each
-    materialization would take hours."""
+def data_version_of(shards: list[Path], output_root: Path) -> tuple[str, float]:
+    """The shard folders' DVC hashes ('+'-joined) and the seconds they took. Through DVC's state
+    database (the DVC repository's own, else one under `output_root`), so a shard is read only
+    when its inode, size or mtime changed since it was last hashed: at paper size, reading every
+    shard again at each materialization would take hours."""
     started = time.monotonic()
-    version = dvc_hash(shards, state_dir=dvc_state_dir(shards) or output_root / ".dvc-state")
+    version = data_version(tuple(map(str, shards)), [], state_dir=output_root / ".dvc-state")
     return version, time.monotonic() - started
+
+
+def caption_shards(stage: int, config: StageConfig, storage: DatasetStorage) -> list[Path]:
+    """The caption folders stage `stage` trains on; fails naming one that is unknown or not yet made."""
+    unknown = [c for c in config.captions if c not in CAPTIONS]
+    if not config.captions or unknown:
+        raise dg.Failure(f"stage {stage}: captions={config.captions}: name caption datasets among {sorted(CAPTIONS)}")
+    shards = [CAPTIONS[c].path(storage) for c in config.captions]
+    for c, folder in zip(config.captions, shards):
+        if not any(folder.glob("*.tar")):
+            raise dg.Failure(f"stage {stage}: no training shards in {folder}: materialize multimodal_captions_stage{c} first")
+    return shards
 
 
 # How `mumu train` ends a refusal (bad data, another run's checkpoint, an incomplete init_from, a
@@ -209,15 +238,14 @@ def trainer_refusal(logs: list[Path], window: int = 1 << 16) -> str | None:
     return found
 
 
-def _train(context, stage: int, config: StageConfig, shards: Path, cluster: TrainingCluster,
+def _train(context, stage: int, config: StageConfig, storage: DatasetStorage, cluster: TrainingCluster,
            pipes: dg.PipesSubprocessClient, extra: list[str]) -> dg.MaterializeResult:
-    if not any(shards.glob("*.tar")):
-        raise dg.Failure(f"no training shards in {shards}: materialize multimodal_captions_stage{stage} first")
+    shards = caption_shards(stage, config, storage)
     output_dir = Path(config.output_root) / f"stage{stage}"
     version, hash_seconds = data_version_of(shards, Path(config.output_root))
-    context.log.info(f"data version {version} of {shards} in {hash_seconds:.1f} s")
+    context.log.info(f"data version {version} of {', '.join(map(str, shards))} in {hash_seconds:.1f} s")
     overrides = [
-        f"shards={shards}",
+        f"shards={','.join(map(str, shards))}",
         f"output_dir={output_dir}",
         # A re-materialization after a crash continues the same run; new data (another DVC hash)
         # or another recipe is another run, started in its own folder beside the old one.
@@ -228,25 +256,19 @@ def _train(context, stage: int, config: StageConfig, shards: Path, cluster: Trai
         *extra,
         *config.overrides,
     ]
-    # Messages from the reporting rank come through a folder every node sees, not a temp file
-    # on this host: global rank 0 may run on any node.
-    pipes_dir = (Path(cluster.pipes_dir) if cluster.pipes_dir else output_dir.parent / "pipes") / context.run_id
-    pipes_dir = pipes_dir.resolve() / f"stage{stage}"
-    pipes_dir.mkdir(parents=True, exist_ok=True)
-    job_name = f"mumu-stage{stage}-{context.run_id[:8]}"
-    with dg.open_pipes_session(
-        context=context,
-        context_injector=dg.PipesFileContextInjector(str(pipes_dir / "context.json")),
-        message_reader=SharedFileMessageReader(str(pipes_dir / "messages.jsonl")),
-    ) as session:
-        env = {**getattr(pipes, "env", {}), **session.get_bootstrap_env_vars()}
-        context.log.info(f"launching ({cluster.launcher}, {cluster.nnodes} x {cluster.nproc_per_node}): "
-                         + " ".join(cluster.command(config.config_file, overrides)))
-        launched = cluster.launch(config.config_file, overrides, env=env, cwd=getattr(pipes, "cwd", None),
-                                  work_dir=pipes_dir / "logs", job_name=job_name)
-    # Only what the trainer reported: Dagster's implicit (empty) materialization would hide a silent run.
-    reported = session.get_results(implicit_materializations=False)
-    results = [r for r in reported if isinstance(r, dg.MaterializeResult)]
+    # A preempted run (SIGTERM: every rank checkpointed its step and stopped) is launched again
+    # and resumes; the trainer's marker file tells a preemption from a failure on every launcher.
+    marker = Path(getattr(pipes, "cwd", None) or ".") / output_dir / PREEMPTED_FILE
+    preemptions = []
+    while True:
+        marker.unlink(missing_ok=True)
+        launched, results, pipes_dir = _launch(context, stage, config, cluster, pipes, overrides, len(preemptions))
+        if launched.returncode == 0 or not marker.is_file() or len(preemptions) >= cluster.max_requeues:
+            break
+        preemptions.append(json.loads(marker.read_text()))
+        context.log.warning(f"stage {stage}: preempted after step {preemptions[-1]['step']} (checkpoint "
+                            f"{preemptions[-1]['checkpoint']}); launching again to resume "
+                            f"({len(preemptions)} of TrainingCluster.max_requeues={cluster.max_requeues})")
     command = " ".join(launched.command)
     logs = ", ".join(map(str, launched.logs)) or str(pipes_dir / "logs")
     if launched.returncode != 0:
@@ -261,6 +283,11 @@ def _train(context, stage: int, config: StageConfig, shards: Path, cluster: Trai
                 f"complete within rdzv_timeout_s={cluster.rdzv_timeout_s} (TrainingCluster.rdzv_endpoint: is "
                 f"every node started and can it reach that host and port?); logs: {logs}",
                 metadata={"command": command, "log_tail": dg.MetadataValue.md(f"```\n{tail}\n```")})
+        if marker.is_file():
+            raise dg.Failure(f"stage {stage}: preempted again after {len(preemptions)} relaunch(es), "
+                             f"TrainingCluster.max_requeues={cluster.max_requeues}; materialize again to resume "
+                             f"from {json.loads(marker.read_text())['checkpoint']} (logs: {logs})",
+                             metadata={"command": command, "log_tail": dg.MetadataValue.md(f"```\n{tail}\n```")})
         raise dg.Failure(f"stage {stage}: training exited with status {launched.returncode}: {command}; logs: {logs}",
                          metadata={"command": command, "log_tail": dg.MetadataValue.md(f"```\n{tail}\n```")})
     if not results:
@@ -279,7 +306,34 @@ def _train(context, stage: int, config: StageConfig, shards: Path, cluster: Trai
                      f"guidance {sampling['sampling_guidance']}, {sampling['sampling_resolution']} px")
     result = results[-1]
     return result._replace(metadata={**(result.metadata or {}), "sampling_defaults": dg.MetadataValue.json(sampling),
-                                     "data_version_s": dg.MetadataValue.float(hash_seconds)})
+                                     "data_version_s": dg.MetadataValue.float(hash_seconds),
+                                     "preemptions": dg.MetadataValue.json(preemptions)})
+
+
+def _launch(context, stage: int, config: StageConfig, cluster: TrainingCluster, pipes: dg.PipesSubprocessClient,
+            overrides: list[str], attempt: int) -> tuple[Launched, list[dg.MaterializeResult], Path]:
+    """One launch of the trainer through a Pipes session of its own: how it ended, what it
+    reported, and its Pipes folder (logs under it)."""
+    output_dir = Path(config.output_root) / f"stage{stage}"
+    # Messages from the reporting rank come through a folder every node sees, not a temp file
+    # on this host: global rank 0 may run on any node.
+    pipes_dir = (Path(cluster.pipes_dir) if cluster.pipes_dir else output_dir.parent / "pipes") / context.run_id
+    pipes_dir = pipes_dir.resolve() / (f"stage{stage}" + (f".relaunch{attempt}" if attempt else ""))
+    pipes_dir.mkdir(parents=True, exist_ok=True)
+    job_name = f"mumu-stage{stage}-{context.run_id[:8]}" + (f"-{attempt}" if attempt else "")
+    with dg.open_pipes_session(
+        context=context,
+        context_injector=dg.PipesFileContextInjector(str(pipes_dir / "context.json")),
+        message_reader=SharedFileMessageReader(str(pipes_dir / "messages.jsonl")),
+    ) as session:
+        env = {**getattr(pipes, "env", {}), **session.get_bootstrap_env_vars()}
+        context.log.info(f"launching ({cluster.launcher}, {cluster.nnodes} x {cluster.nproc_per_node}): "
+                         + " ".join(cluster.command(config.config_file, overrides)))
+        launched = cluster.launch(config.config_file, overrides, env=env, cwd=getattr(pipes, "cwd", None),
+                                  work_dir=pipes_dir / "logs", job_name=job_name)
+    # Only what the trainer reported: Dagster's implicit (empty) materialization would hide a silent run.
+    reported = session.get_results(implicit_materializations=False)
+    return launched, [r for r in reported if isinstance(r, dg.MaterializeResult)], pipes_dir
 
 
 # The VAE is an asset of the "pretrained" group: SDXL's in the paper profile, trained by the
@@ -291,19 +345,18 @@ def stage1_model(
     training_cluster: TrainingCluster, pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
     """Stage 1: up to 4 images per prompt at 324 tokens each (Table-1 LoRA recipe)."""
-    return _train(context, 1, config, CAPTIONS[1].path(storage), training_cluster,
-                  pipes_subprocess_client, [])
+    return _train(context, 1, config, storage, training_cluster, pipes_subprocess_client, [])
 
 
-@dg.asset(group_name="training", deps=[stage1_model, multimodal_captions_stage2], kinds={"pytorch", "mlflow"})
+@dg.asset(group_name="training", deps=[stage1_model, multimodal_captions_stage1, multimodal_captions_stage2],
+          kinds={"pytorch", "mlflow"})
 def stage2_model(
     context: dg.AssetExecutionContext, config: Stage2Config, storage: DatasetStorage,
     training_cluster: TrainingCluster, pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
     """Stage 2: from stage 1's weights, one face or person crop per prompt at 1,296 tokens."""
     stage1 = Path(config.output_root) / "stage1" / "pipeline"
-    return _train(context, 2, config, CAPTIONS[2].path(storage), training_cluster,
-                  pipes_subprocess_client, [f"init_from={stage1}"])
+    return _train(context, 2, config, storage, training_cluster, pipes_subprocess_client, [f"init_from={stage1}"])
 
 
 TRAINING_ASSETS = [stage1_model, stage2_model]

@@ -70,7 +70,10 @@ def test_evaluation_defaults_come_from_params_and_probe_figures_surface(tiny_pip
 
         # A profile's group (the toy world's shape, fewer steps): the defaults, ablation on.
         evaluation_params = {"pipeline": str(tiny_pipeline_dir), "suites": [str(suite)], "steps": 1, "guidance": 4.0,
-                             "seeds": [0], "resolution": None, "text_only_ablation": True}
+                             "seeds": [0], "resolution": None, "text_only_ablation": True,
+                             # one met, one not, one the evaluation has no figure for
+                             "targets": {"colours/colour_match": ">= 0", "colours/colour_match_text_only": "<= -1",
+                                         "colours/no_such_metric": ">= 0.5"}}
         module = _reload_with_params(monkeypatch, tmp_path / "toy.yaml", {"evaluation": evaluation_params})
         config = module.EvaluationConfig()
         assert (config.steps, config.guidance, config.suites, config.text_only_ablation) == (1, 4.0, [str(suite)], True)
@@ -92,6 +95,26 @@ def test_evaluation_defaults_come_from_params_and_probe_figures_surface(tiny_pip
     assert metadata["headline"].startswith("colours: colour ") and "text-only colour" in metadata["headline"]
     assert "colour_match_text_only" in metadata["summary"]
     assert Path(metadata["samples"]).is_file()  # the first entries of every suite, small
+    [check] = result.get_asset_check_evaluations()
+    assert check.check_name == "meets_targets" and not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+    checked = {k: v.value for k, v in check.metadata.items()}
+    assert (checked["met"], checked["targets"]) == (1, 3)
+    assert "colours/colour_match_text_only" in checked["figures"] and "(target <= -1): not met" in checked["figures"]
+    assert "colours/no_such_metric missing (target >= 0.5): not met" in checked["figures"]
+    import mlflow
+
+    run = mlflow.MlflowClient(tracking_uri).get_run(metadata["mlflow_run_id"])
+    assert run.data.metrics["target/colours/colour_match"] == 1.0
+    assert run.data.metrics["target/colours/colour_match_text_only"] == 0.0
+    assert run.data.tags["targets_met"] == "1/3"
+
+
+def test_a_malformed_target_fails_before_loading(tmp_path, monkeypatch):
+    monkeypatch.setattr("eval.run.evaluate", lambda *a, **k: pytest.fail("evaluate ran with a malformed target"))
+    result = _materialize_with({"pipeline": str(tmp_path / "p"), "device": "cpu", "targets": {"one/colour": "> 0.9"}},
+                               tmp_path)
+    assert not result.success
+    assert "evaluation config: target 'one/colour': '> 0.9': write it as" in _failure_message(result)
 
 
 class _Stop(Exception):

@@ -108,19 +108,22 @@ def test_slurm_script_runs_one_agent_per_node(tmp_path, monkeypatch):
     fake(tmp_path, "python", f'echo "$SLURM_NODEID $DAGSTER_PIPES_MESSAGES $*" > {record}/node$SLURM_NODEID\n')
     cluster = TrainingCluster(launcher="slurm", nnodes=2, nproc_per_node=8, python=str(tmp_path / "python"),
                               slurm_partition="h100", slurm_time="02:00:00", rdzv_endpoint=":29411",
-                              rdzv_timeout_s=120, slurm_directives=["--exclusive"])
+                              rdzv_timeout_s=120, slurm_directives=["--exclusive"], max_restarts=2,
+                              shutdown_timeout_s=300)
     launched = cluster.launch("c.yaml", ["max_steps=3"], env=PIPES_ENV, cwd=str(tmp_path),
                               work_dir=tmp_path / "work", job_name="mumu-stage1-abc")
     assert launched.returncode == 0, (record / "batch.out").read_text()
     script = (tmp_path / "work" / "train.sbatch").read_text()
     assert subprocess.run(["bash", "-n", str(tmp_path / "work" / "train.sbatch")]).returncode == 0
     for directive in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--time=02:00:00",
-                      "--partition=h100", "--exclusive", "--job-name=mumu-stage1-abc"):
+                      "--partition=h100", "--exclusive", "--job-name=mumu-stage1-abc",
+                      "--signal=TERM@600"):  # time to checkpoint before the time limit
         assert f"#SBATCH {directive}\n" in script
     for node in (0, 1):
         line = (record / f"node{node}").read_text().split()
         assert line[:2] == [str(node), PIPES_ENV["DAGSTER_PIPES_MESSAGES"]]
-        assert line[2:5] == ["-m", "torch.distributed.run", "--nproc_per_node=8"]
+        assert line[2:7] == ["-m", "torch.distributed.run", "--nproc_per_node=8", "--max-restarts=2",
+                             "--shutdown_timeout=300"]
         assert "--nnodes=2" in line and f"--node_rank={node}" in line
         assert "--rdzv_endpoint=node1:29411" in line and "--rdzv_conf=join_timeout=120,read_timeout=120" in line
         assert line[-5:] == ["-m", "mumu_model.training", "c.yaml", "--set", "max_steps=3"]
@@ -171,6 +174,7 @@ def test_kubernetes_manifests_run_one_pod_per_node():
     assert spec["backoffLimit"] == 0
     pod = spec["template"]["spec"]
     assert pod["subdomain"] == service["metadata"]["name"] and pod["restartPolicy"] == "Never"
+    assert pod["terminationGracePeriodSeconds"] == 900  # SIGTERM, then time for every rank's checkpoint
     assert spec["template"]["metadata"]["labels"]["mumu/job"] == "mumu-stage1-abc"
     [container] = pod["containers"]
     assert container["image"] == "registry.example/mumu:1" and container["workingDir"] == "/shared/mumu"

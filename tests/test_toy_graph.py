@@ -39,7 +39,8 @@ def _smoke_config(tmp_path: Path, data: Path) -> dict:
         "stage1_model": {"output_root": str(runs), "overrides": training},
         "stage2_model": {"output_root": str(runs), "overrides": training},
         "evaluation": {"pipeline": str(runs / "stage2" / "pipeline"), "suites": suites, "steps": 2,
-                       "seeds": [0], "text_only_ablation": True, "tracking_uri": tracking},
+                       "seeds": [0], "text_only_ablation": True, "tracking_uri": tracking,
+                       "targets": {}},  # two-step models are held to no targets
     }
 
 

@@ -1,5 +1,6 @@
 """stage1_model / stage2_model: the trainer launched by Dagster (torchrun through Pipes)."""
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,8 @@ def test_stage_assets_train_and_report_through_pipes(tmp_path):
                           "output_root": str(tmp_path / "runs")}}
         for name in ("stage1_model", "stage2_model")
     }}
+    # Stage 2 mixes stage 1's records into its own.
+    run_config["ops"]["stage2_model"]["config"].update(captions=[2, 1], overrides=[*common, "shard_weights=[3.0,1.0]"])
     resources = {
         "storage": DatasetStorage(root=str(data)),
         "training_cluster": TrainingCluster(nproc_per_node=1),
@@ -66,6 +69,8 @@ def test_stage_assets_train_and_report_through_pipes(tmp_path):
     first = {k: v.value for k, v in events["stage1_model"].items()}
     assert first["new_run"] is True and first["data_version"] == dvc_hash(data / "captions" / "stage1")
     assert first["run_message"].startswith(f"new run {first['run_id']}") and first["data_version_s"] >= 0
+    second = {k: v.value for k, v in events["stage2_model"].items()}
+    assert second["data_version"] == f"{dvc_hash(data / 'captions' / 'stage2')}+{first['data_version']}"
 
     # The same data again, one step longer: the same run goes on, and the metadata says so.
     longer = {"config": {**run_config["ops"]["stage1_model"]["config"], "overrides": [*common, "max_steps=3"]}}
@@ -99,7 +104,7 @@ def test_missing_shards_fail_clearly(tmp_path):
     assert "materialize multimodal_captions_stage1 first" in str(failure.event_specific_data.error.message)
 
 
-def _stage1(tmp_path, cluster: TrainingCluster, steps: int = 2):
+def _stage1(tmp_path, cluster: TrainingCluster, steps: int = 2, env: dict | None = None):
     """stage1_model alone on 4 records with the tiny config: (result, run config's output root)."""
     data = tmp_path / "data"
     write_shard(data / "captions" / "stage1" / "00000.tar", records(4))
@@ -111,8 +116,65 @@ def _stage1(tmp_path, cluster: TrainingCluster, steps: int = 2):
         "config_file": str(REPO / "configs" / "train_tiny.yaml"), "overrides": overrides,
         "output_root": str(tmp_path / "runs")}}}}
     resources = {"storage": DatasetStorage(root=str(data)), "training_cluster": cluster,
-                 "pipes_subprocess_client": dg.PipesSubprocessClient()}
+                 "pipes_subprocess_client": dg.PipesSubprocessClient(env=env)}
     return dg.materialize([stage1_model], resources=resources, run_config=run_config, raise_on_error=False)
+
+
+# The trainer, preempted (SIGTERM to itself) before step 3 of its first launch only.
+PREEMPT_FIRST_LAUNCH = """
+import os, signal, sys
+from pathlib import Path
+from mumu_model.cli import main
+from mumu_model.training.trainer import Trainer
+
+original, flag = Trainer.train_step, Path(os.environ["PREEMPTED_ONCE"])
+
+
+def train_step(self, batches):
+    if self.step + 1 == 3 and not flag.exists():
+        flag.touch()
+        os.kill(os.getpid(), signal.SIGTERM)
+    return original(self, batches)
+
+
+Trainer.train_step = train_step
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+class DriverCluster(TrainingCluster):
+    """The local cluster, running a driver script in place of `-m mumu_model.training`."""
+
+    driver: str
+
+    def program(self, config_file: str, overrides: list[str]) -> list[str]:
+        return [self.driver, *super().program(config_file, overrides)[2:]]
+
+
+def test_a_preempted_launch_is_made_again_and_resumes(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(PREEMPT_FIRST_LAUNCH)
+    env = {"PREEMPTED_ONCE": str(tmp_path / "preempted-once"), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = _stage1(tmp_path, DriverCluster(nproc_per_node=1, driver=str(driver), max_requeues=1), steps=4, env=env)
+    assert result.success, _failure(result)
+    [event] = result.get_asset_materialization_events()
+    metadata = {k: v.value for k, v in event.materialization.metadata.items()}
+    # Stopped after step 3 with its checkpoint, launched again, resumed there: one run, 4 steps.
+    [preemption] = metadata["preemptions"]
+    assert preemption["step"] == 3 and preemption["checkpoint"].endswith("step-00000003")
+    assert metadata["steps"] == 4 and metadata["new_run"] is False and metadata["run_id"] == preemption["run_id"]
+    assert not (tmp_path / "runs" / "stage1" / "preempted.json").exists()
+    pipes = tmp_path / "runs" / "pipes" / result.run_id
+    assert "mumu: preempted: SIGTERM: stopped after step 3" in (pipes / "stage1" / "logs" / "node0.log").read_text()
+    assert (pipes / "stage1.relaunch1" / "logs" / "node0.log").is_file()
+
+    # Preempted again with no relaunch left: the asset fails, saying so and where it can resume.
+    (tmp_path / "preempted-once").unlink()
+    shutil.rmtree(tmp_path / "runs")
+    result = _stage1(tmp_path, DriverCluster(nproc_per_node=1, driver=str(driver), max_requeues=0), steps=4, env=env)
+    assert not result.success
+    assert "preempted again after 0 relaunch(es), TrainingCluster.max_requeues=0; materialize again to resume" in _failure(result)
 
 
 def _failure(result) -> str:
@@ -183,11 +245,11 @@ def test_the_data_version_reads_only_shards_changed_since_they_were_hashed(tmp_p
     shards = tmp_path / "captions" / "stage1"
     first = write_shard(shards / "00000.tar", records(4)).path
     write_shard(shards / "00001.tar", records(2))
-    version, seconds = data_version_of(shards, tmp_path / "runs")
+    version, seconds = data_version_of([shards], tmp_path / "runs")
     assert version == dvc_hash(shards) and seconds >= 0
     # A rewritten shard (a new file, as every writer of the data makes) is hashed again.
     write_shard(shards / "00001.tar", records(3))
-    version = data_version_of(shards, tmp_path / "runs")[0]
+    version = data_version_of([shards], tmp_path / "runs")[0]
     assert version == dvc_hash(shards)
     # New bytes behind an unchanged inode, size and mtime: only a re-read would see them, and the
     # state (DVC's own database; under the output root outside a DVC repository) spares it.
@@ -197,4 +259,8 @@ def test_the_data_version_reads_only_shards_changed_since_they_were_hashed(tmp_p
     with open(first, "r+b") as handle:
         handle.write(bytes(data))
     os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert data_version_of(shards, tmp_path / "runs")[0] == version != dvc_hash(shards)
+    assert data_version_of([shards], tmp_path / "runs")[0] == version != dvc_hash(shards)
+    # A stage that mixes in another caption dataset is versioned by both, in order.
+    other = tmp_path / "captions" / "stage2"
+    write_shard(other / "00000.tar", records(2))
+    assert data_version_of([other, shards], tmp_path / "runs")[0] == f"{dvc_hash(other)}+{version}"

@@ -43,7 +43,8 @@ RESOURCES = {
         sfw_classifier="Falconsai/nsfw_image_detection",
     ),
     "control_image_models": ControlImageModels(depth="depth-anything/Depth-Anything-V2-Small-hf"),
-    "training_cluster": TrainingCluster(nnodes=1, nproc_per_node=8),
+    # A worker group that fails (a rank preempted alone included) restarts in place, resuming.
+    "training_cluster": TrainingCluster(nnodes=1, nproc_per_node=8, max_restarts=3, shutdown_timeout_s=600),
     "pipes_subprocess_client": dg.PipesSubprocessClient(),
     # The published protocol's metric models; ArcFace needs the insightface extra.
     "eval_models": EvalModelsResource(

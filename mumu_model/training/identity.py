@@ -70,6 +70,10 @@ NOT_IDENTITY = frozenset({
 })
 
 RUN_FILE = "run.json"
+# Written into `output_dir` by rank 0 of a preempted run (step, checkpoint, run id), removed when a
+# run starts: how a launcher that sees only a failed job (torchrun exits 1 whatever its workers'
+# status; a Kubernetes Job reports failed) tells a preemption from a failure.
+PREEMPTED_FILE = "preempted.json"
 
 
 def content_hash(path: str | os.PathLike) -> str:
@@ -93,13 +97,14 @@ def content_hash(path: str | os.PathLike) -> str:
 
 
 def data_version(shards: tuple[str, ...], shard_files: list[Path], state_dir: str | os.PathLike | None = None) -> str:
-    """The data's version: DVC's hash when `shards` names one folder (what dvc.lock records for
-    it; through DVC's state database when `state_dir` or the folder's DVC repository has one, so
-    unchanged shards are not read again), else an md5 over the names and md5s of the shard files."""
-    if len(shards) == 1 and Path(shards[0]).is_dir():
+    """The data's version: DVC's hash when `shards` names folders (what dvc.lock records for each,
+    joined by '+' in order; through DVC's state database when `state_dir` or the folder's DVC
+    repository has one, so unchanged shards are not read again), else an md5 over the names and
+    md5s of the shard files."""
+    if shards and all(Path(s).is_dir() for s in shards):
         from ..data.versioning import dvc_hash, dvc_state_dir
 
-        return dvc_hash(shards[0], state_dir=dvc_state_dir(shards[0]) or state_dir)
+        return "+".join(dvc_hash(s, state_dir=dvc_state_dir(s) or state_dir) for s in shards)
     digest = hashlib.md5()
     for file in sorted(shard_files):
         md5 = hashlib.md5()

@@ -72,7 +72,7 @@ from . import parallel
 from .checkpoint import STATE_FILE, CheckpointManager
 from .config import MODULES, TrainConfig, config_from_dict, load_train_config
 from .ema import EMA
-from .identity import (RUN_FILE, content_hash, data_version, identity_differences, resume_changes, run_id,
+from .identity import (PREEMPTED_FILE, RUN_FILE, content_hash, data_version, identity_differences, resume_changes, run_id,
                        run_identity)
 from ..tracking import Tracker, validation_grid
 
@@ -760,6 +760,8 @@ class Trainer:
             config.modes, self.run_dir,
         )
         global_batch = config.batch_size * self.dist.world_size * self.accumulation
+        if self.dist.is_main:
+            (self.output_dir / PREEMPTED_FILE).unlink(missing_ok=True)
         window_losses: list[float] = []
         window_time = 0.0
         status = "FAILED"
@@ -810,6 +812,9 @@ class Trainer:
     def _stop_preempted(self) -> None:
         """Checkpoint the step just finished (collective) and raise `Preempted`."""
         path = self.save_checkpoint() if self.last_saved != self.step else self.checkpoints.latest()
+        if self.dist.is_main:
+            write_bytes_atomic(self.output_dir / PREEMPTED_FILE, json.dumps(
+                {"run_id": self.run_id, "step": self.step, "checkpoint": str(path)}).encode())
         again = "run the same command again" if self.config.resume == "latest" else "run again with --resume latest"
         raise Preempted(f"SIGTERM: stopped after step {self.step} of {self.config.max_steps} and wrote {path}; "
                         f"{again} to continue run {self.run_id}")
