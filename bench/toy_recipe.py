@@ -14,7 +14,9 @@ data the graph made (`make demo` first: data/captions/), each run in its own fol
 - `seeds`: the recipe unchanged but for `seed` (noise, timesteps, data order, initial weights).
   Reports every metric per seed, and its mean, standard deviation (n - 1) and range. With
   `--reuse-main`, the recipe's own seed is not trained again: the main job's pipeline
-  (runs/stage2/pipeline, the same training, deterministic) is evaluated in its place.
+  (runs/stage2/pipeline, the same training, deterministic) is evaluated in its place. A seed's
+  figures are kept in runs/bench/seed<s>/result.json: sweeps over different seeds may run at
+  once (`--seeds 1` beside `--seeds 2`), and a last `--seeds 0 1 2 --reuse-main` gathers them.
 - `tokens`: both stages with crops at `image_size` = 14 x sqrt(tokens) px (4 -> 28 px, 16 -> 56,
   64 -> 112), at the same compute: each configuration's seconds per step are measured first
   (a short timing run per stage), and a stage whose step is slower than the recipe's trains
@@ -172,9 +174,19 @@ def _main_job(seed: int) -> dict:
     return {"source": "main job (runs/stage2/pipeline)", "suites": _evaluate(pipeline, REPO / "runs" / "bench" / f"seed{seed}-main")}
 
 
+def _seed_run(seed: int) -> dict:
+    """The recipe trained and evaluated at `seed`; a finished run's figures are read back, so
+    sweeps over different seeds may run at once and a later one gathers them."""
+    done = REPO / "runs" / "bench" / f"seed{seed}" / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    run = _run(f"seed{seed}", {"seed": seed}, {"seed": seed})
+    write_bytes_atomic(done, json.dumps(run, indent=2, default=str).encode())
+    return run
+
+
 def seeds(args: argparse.Namespace) -> dict:
-    runs = {f"seed{s}": _main_job(s) if args.reuse_main and s == args.seeds[0] else _run(f"seed{s}", {"seed": s}, {"seed": s})
-            for s in args.seeds}
+    runs = {f"seed{s}": _main_job(s) if args.reuse_main and s == args.seeds[0] else _seed_run(s) for s in args.seeds}
     summary: dict[str, dict] = {}
     for name in next(iter(runs.values()))["suites"]:
         for metric in next(iter(runs.values()))["suites"][name]:
@@ -234,6 +246,8 @@ VALIDATION = ["eval/suites/toy/validation/val_one.yaml", "eval/suites/toy/valida
               "eval/suites/toy/validation/val_three.yaml", "eval/suites/toy/validation/val_outside.yaml"]
 # Each change: (stage-1 overrides, stage-2 overrides or None for no stage 2), on top of the
 # recipe's configs. The image-token norm is on in the recipe; the first row turns it off.
+MIXED_STAGE1 = {"shards": "data/captions/stage1,data/captions/stage2", "shard_weights": "0.17,2.0",
+                "augment_probability": 0.5, "augmentations": "margin,scale,jitter,crop,flip"}
 MIXED_STAGE2 = {"shards": "data/captions/stage2,data/captions/stage1", "shard_weights": "2.0,0.17", "max_images": 4}
 ABLATIONS: dict[str, tuple[dict, dict | None]] = {
     "norm-off": ({"model_overrides.image_token_norm": "false"}, {}),
@@ -248,9 +262,9 @@ ABLATIONS: dict[str, tuple[dict, dict | None]] = {
     "norm+mixed-stage2-70": ({}, {**MIXED_STAGE2, "shard_weights": "2.0,0.073"}),
     # One stage on the 50/50 mixture, as many steps as the two stages together, with stage 2's
     # augmentations; crops at stage 1's 4 tokens.
-    "one-stage-mixture": ({"shards": "data/captions/stage1,data/captions/stage2", "shard_weights": "0.17,2.0",
-                           "max_steps": 1800, "augment_probability": 0.5,
-                           "augmentations": "margin,scale,jitter,crop,flip"}, None),
+    "one-stage-mixture": ({**MIXED_STAGE1, "max_steps": 1800}, None),
+    # Both stages on the 50/50 mixture: stage 1 at 4 tokens a crop, stage 2 at 16.
+    "mixed-both-stages": (MIXED_STAGE1, MIXED_STAGE2),
 }
 # What an ablation row shows, per validation suite: (suite kind, metric).
 ABLATION_COLUMNS = [("one", "colour_match"), ("one", "obj_shape"), ("two", "all_colours"), ("two", "count_match"),
@@ -351,9 +365,16 @@ def main() -> int:
         raise SystemExit("no training data in data/captions/stage1: run `make demo` (the main job) first")
     started = time.perf_counter()
     figures = {"seeds": seeds, "tokens": tokens, "ablation": ablation, "attribution": attribution}[args.command](args)
+    out = args.out or REPO / "bench" / "results" / f"toy_{args.command}.json"
+    # The ablation's rows and the attribution's evaluations accumulate over sweeps: a row whose
+    # run folders are gone keeps the figures (and the date) it was last measured with.
+    merged = {"ablation": "rows", "attribution": "evaluations"}.get(args.command)
+    if merged:
+        today = datetime.date.today().isoformat()
+        previous = json.loads(out.read_text()).get(merged, {}) if out.is_file() else {}
+        figures[merged] = {**previous, **{k: {**v, "measured": today} for k, v in figures[merged].items()}}
     document = {"benchmark": f"toy_{args.command}", **figures, "seconds": round(time.perf_counter() - started),
                 "environment": _environment()}
-    out = args.out or REPO / "bench" / "results" / f"toy_{args.command}.json"
     write_bytes_atomic(out, json.dumps(document, indent=2, default=str).encode())
     print(f"wrote {out}")
     return 0

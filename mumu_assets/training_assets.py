@@ -338,8 +338,12 @@ def _launch(context, stage: int, config: StageConfig, cluster: TrainingCluster, 
 
 # The VAE is an asset of the "pretrained" group: SDXL's in the paper profile, trained by the
 # graph in the toy profile (its training config names the folder).
-@dg.asset(group_name="training", deps=[multimodal_captions_stage1, dg.AssetKey("vae_model")],
-          kinds={"pytorch", "mlflow"})
+# Each stage depends on the caption datasets its params train on (`training.stage<N>_captions`).
+CAPTION_ASSETS = {1: multimodal_captions_stage1, 2: multimodal_captions_stage2}
+
+
+@dg.asset(group_name="training", kinds={"pytorch", "mlflow"},
+          deps=[*(CAPTION_ASSETS[c] for c in Stage1Config().captions), dg.AssetKey("vae_model")])
 def stage1_model(
     context: dg.AssetExecutionContext, config: Stage1Config, storage: DatasetStorage,
     training_cluster: TrainingCluster, pipes_subprocess_client: dg.PipesSubprocessClient,
@@ -348,8 +352,8 @@ def stage1_model(
     return _train(context, 1, config, storage, training_cluster, pipes_subprocess_client, [])
 
 
-@dg.asset(group_name="training", deps=[stage1_model, multimodal_captions_stage1, multimodal_captions_stage2],
-          kinds={"pytorch", "mlflow"})
+@dg.asset(group_name="training", kinds={"pytorch", "mlflow"},
+          deps=[stage1_model, *(CAPTION_ASSETS[c] for c in Stage2Config().captions)])
 def stage2_model(
     context: dg.AssetExecutionContext, config: Stage2Config, storage: DatasetStorage,
     training_cluster: TrainingCluster, pipes_subprocess_client: dg.PipesSubprocessClient,

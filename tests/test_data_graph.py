@@ -147,6 +147,6 @@ def test_definitions_load_with_every_asset_and_check(profile):
         "real_images", "detections", "multimodal_captions_stage1", "multimodal_captions_stage2",
         "stage1_model", "stage2_model", "evaluation",
     }
-    assert len(repository.asset_graph.asset_check_keys) == 8
+    assert len(repository.asset_graph.asset_check_keys) == 9  # the data checks and the evaluation's targets
     assert {s.name for s in repository.schedule_defs} == {"weekly_prompts"}
     assert {s.name for s in repository.sensor_defs} >= {"new_source_files"}

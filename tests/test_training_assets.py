@@ -38,10 +38,11 @@ def test_stage_assets_train_and_report_through_pipes(tmp_path):
         f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         f"validation_image_root={REPO / 'examples' / 'images'}",
     ]
+    # Each stage its own captions (the profile's params may mix them), then stage 2 with both.
     run_config = {"ops": {
         name: {"config": {"config_file": str(REPO / "configs" / "train_tiny.yaml"), "overrides": common,
-                          "output_root": str(tmp_path / "runs")}}
-        for name in ("stage1_model", "stage2_model")
+                          "output_root": str(tmp_path / "runs"), "captions": [stage]}}
+        for stage, name in ((1, "stage1_model"), (2, "stage2_model"))
     }}
     # Stage 2 mixes stage 1's records into its own.
     run_config["ops"]["stage2_model"]["config"].update(captions=[2, 1], overrides=[*common, "shard_weights=[3.0,1.0]"])
@@ -114,7 +115,7 @@ def _stage1(tmp_path, cluster: TrainingCluster, steps: int = 2, env: dict | None
     ]
     run_config = {"ops": {"stage1_model": {"config": {
         "config_file": str(REPO / "configs" / "train_tiny.yaml"), "overrides": overrides,
-        "output_root": str(tmp_path / "runs")}}}}
+        "output_root": str(tmp_path / "runs"), "captions": [1]}}}}
     resources = {"storage": DatasetStorage(root=str(data)), "training_cluster": cluster,
                  "pipes_subprocess_client": dg.PipesSubprocessClient(env=env)}
     return dg.materialize([stage1_model], resources=resources, run_config=run_config, raise_on_error=False)

@@ -25,6 +25,7 @@ CHECKS = {
     ("synthetic_images", "all_pairs_rendered"), ("pickscore_scores", "scores_finite"),
     ("filtered_synthetic", "kept_fraction"), ("detections", "boxes_well_formed"),
     ("multimodal_captions_stage1", "records_parse"), ("multimodal_captions_stage2", "records_parse"),
+    ("evaluation", "meets_targets"),
 }
 
 QUERY = """
