@@ -42,6 +42,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
+def _restart_flags(max_restarts: int, shutdown_timeout_s: int) -> list[str]:
+    """torchrun's restart and shutdown flags; none where torchrun's defaults hold (0)."""
+    return ([f"--max-restarts={max_restarts}"] if max_restarts else []) + (
+        [f"--shutdown_timeout={shutdown_timeout_s}"] if shutdown_timeout_s else [])
+
+
 def torchrun_flags(*, nnodes: int, nproc_per_node: int, rdzv_endpoint: str, rdzv_id: str,
                    rdzv_timeout_s: int, node_rank: str | None = None, rdzv_host: bool | None = None,
                    max_restarts: int = 0, shutdown_timeout_s: int = 0) -> list[str]:
@@ -51,11 +57,7 @@ def torchrun_flags(*, nnodes: int, nproc_per_node: int, rdzv_endpoint: str, rdzv
     the endpoint's address; False: only connect, the store runs elsewhere). `max_restarts`: how
     often torchrun restarts a failed worker group in place (the trainer resumes its checkpoint);
     `shutdown_timeout_s` (0: torchrun's 30 s): from its SIGTERM to its workers to SIGKILL."""
-    flags = [f"--nproc_per_node={nproc_per_node}"]
-    if max_restarts:
-        flags.append(f"--max-restarts={max_restarts}")
-    if shutdown_timeout_s:
-        flags.append(f"--shutdown_timeout={shutdown_timeout_s}")
+    flags = [f"--nproc_per_node={nproc_per_node}", *_restart_flags(max_restarts, shutdown_timeout_s)]
     if nnodes == 1:
         return [*flags, "--standalone"]
     flags += [f"--nnodes={nnodes}"]
@@ -203,6 +205,8 @@ class NodesJob:
     rdzv_port: int
     rdzv_id: str
     rdzv_timeout_s: int
+    max_restarts: int = field(default=0, kw_only=True)  # torchrun's --max-restarts
+    shutdown_timeout_s: int = field(default=0, kw_only=True)  # torchrun's --shutdown_timeout
 
 
 # -- Slurm ------------------------------------------------------------------------------------------
@@ -221,8 +225,6 @@ class SlurmJob(NodesJob):
     # SIGTERM this long before the time limit: the trainer checkpoints its step and stops as
     # preempted, and the launch is made again instead of the job being killed mid-step.
     signal_before_limit_s: int = 600
-    max_restarts: int = 0  # torchrun's --max-restarts
-    shutdown_timeout_s: int = 0  # torchrun's --shutdown_timeout
 
 
 def slurm_script(job: SlurmJob, *, python: str, program: Sequence[str], env: dict[str, str], cwd: str,
@@ -243,11 +245,7 @@ def slurm_script(job: SlurmJob, *, python: str, program: Sequence[str], env: dic
     directives += job.extra_directives
     # Inside the srun step every node expands its own SLURM_NODEID; MUMU_RDZV_HEAD comes from
     # the batch step, which runs on the first node.
-    flags = [f"--nproc_per_node={job.nproc_per_node}"]
-    if job.max_restarts:
-        flags.append(f"--max-restarts={job.max_restarts}")
-    if job.shutdown_timeout_s:
-        flags.append(f"--shutdown_timeout={job.shutdown_timeout_s}")
+    flags = [f"--nproc_per_node={job.nproc_per_node}", *_restart_flags(job.max_restarts, job.shutdown_timeout_s)]
     if job.nnodes == 1:
         flags.append("--standalone")
     else:
@@ -307,8 +305,6 @@ class KubernetesJob(NodesJob):
     cpu: str = ""
     memory: str = ""
     termination_grace_s: int = 900  # time from SIGTERM to SIGKILL: a checkpoint must fit in it
-    max_restarts: int = 0  # torchrun's --max-restarts
-    shutdown_timeout_s: int = 0  # torchrun's --shutdown_timeout
 
 
 def kubernetes_manifests(job: KubernetesJob, *, python: str, program: Sequence[str], env: dict[str, str],
